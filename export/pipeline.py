@@ -1,0 +1,272 @@
+"""Export as one fixed sequence: refuse/prepare output -> resolve source -> check disk -> export
+ONNX -> extra variants -> tokenizer and configs -> manifest -> verify -> rename into place.
+
+Everything is written into a temporary sibling directory that is renamed into place only when
+complete, so an interrupted or failed export leaves nothing loadable and no litter, and with
+`force` an existing directory stays intact until its replacement is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source, write_tokenizer
+from gpt2_onnx.runtime.errors import Gpt2OnnxError
+from gpt2_onnx.runtime.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ModelDims,
+    Variant,
+    VariantIO,
+    file_entries,
+    safe_child,
+)
+
+TMP_PREFIX = ".gpt2-onnx-tmp-"
+SUPPORTED_PRECISIONS = ("fp32", "int8", "int4", "fp16")
+
+
+class ExportError(Gpt2OnnxError):
+    """The export cannot proceed (existing output, disk space, failed conversion)."""
+
+
+class Progress(Protocol):
+    """Where the pipeline reports its stages (the CLI passes a rich implementation)."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def done(self, out_dir: Path, files: dict[str, int], seconds: float) -> None: ...
+
+
+class NullProgress:
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+    def done(self, out_dir: Path, files: dict[str, int], seconds: float) -> None:
+        pass
+
+
+@dataclass
+class ExportOptions:
+    source: str | None = "gpt2-large"
+    out: Path | None = None  # default: models/<name>
+    random_init: str | None = None
+    seed: int = 0
+    force: bool = False
+    precisions: Sequence[str] = ("fp32",)
+    verify: bool = True
+    verify_steps: int = 16
+    # Test hook: called with the stage name before each stage (simulating interruptions).
+    on_stage: Callable[[str], None] | None = field(default=None, repr=False)
+
+
+def output_dir(opts: ExportOptions) -> Path:
+    if opts.out is not None:
+        return Path(opts.out)
+    return Path("models") / default_name(opts.source, opts.random_init, opts.seed)
+
+
+def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
+    """Export per `opts`; returns the final model directory. Raises on any failure, leaving the
+    previous state of the output path untouched and no temporary directory behind."""
+    progress = progress or NullProgress()
+    bad = [p for p in opts.precisions if p not in SUPPORTED_PRECISIONS]
+    if bad or not opts.precisions:
+        raise ValueError(f"precision {bad or '(none)'}: choose from "
+                         f"{', '.join(SUPPORTED_PRECISIONS)}")
+    if "fp32" not in opts.precisions:
+        raise ValueError("precision: fp32 is always exported (verify compares against it); "
+                         "add the others beside it, e.g. --precision fp32,int8")
+    if opts.random_init is None and not opts.source:
+        raise ValueError("source: give a hub id, a local directory, or --random-init PRESET")
+    out = output_dir(opts)
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it "
+                          "(the old directory stays until the new one is complete).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with _temporary_sibling(out) as tmp:
+        _stage(opts, progress, "load")
+        with progress.stage("load checkpoint"):
+            resolved = resolve_source(opts.source, opts.random_init, opts.seed)
+        _check_disk(resolved.model, out.parent, opts.precisions)
+        _stage(opts, progress, "export")
+        with progress.stage("export ONNX (optimum, fp32 with KV cache)"):
+            variants = {"fp32": export_optimum_fp32(resolved.model, tmp)}
+        for precision in opts.precisions:
+            if precision == "fp32":
+                continue
+            _stage(opts, progress, f"variant-{precision}")
+            with progress.stage(f"build {precision} variant"):
+                variants[precision] = build_extra_variant(resolved.model, tmp, precision)
+        _stage(opts, progress, "write")
+        with progress.stage("write tokenizer, configs, manifest"):
+            write_tokenizer(resolved, tmp)
+            resolved.model.config.save_pretrained(tmp)
+            resolved.model.generation_config.save_pretrained(tmp)
+            manifest = build_manifest(out.name, resolved, variants, tmp)
+            manifest.write(tmp)
+        del resolved
+        if opts.verify:
+            _stage(opts, progress, "verify")
+            with progress.stage("verify against transformers"):
+                from gpt2_onnx.export.verify import record_summary, run_verify
+
+                report = run_verify(tmp, steps=opts.verify_steps)
+                record_summary(tmp, report)
+                if not report.passed:
+                    raise ExportError(f"verify failed: {', '.join(report.failed_checks())}. "
+                                      "Nothing was written; rerun with --no-verify to inspect.")
+        _stage(opts, progress, "rename")
+        _move_into_place(tmp, out)
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    progress.done(out, sizes, time.perf_counter() - start)
+    return out
+
+
+def _stage(opts: ExportOptions, progress: Progress, name: str) -> None:
+    if opts.on_stage is not None:
+        opts.on_stage(name)
+
+
+@contextlib.contextmanager
+def _temporary_sibling(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` (same filesystem, so the final rename is atomic), removed
+    on any failure or interruption (KeyboardInterrupt and SystemExit included)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it the usual permissions
+    old = None
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-old-", dir=out.parent))
+        os.rename(out, old / "previous")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old / "previous", out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
+    """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
+    n_params = sum(p.numel() for p in model.parameters())
+    per_precision = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
+    lm_head = model.config.vocab_size * model.config.n_embd * 4
+    return int(sum(n_params * per_precision[p] for p in precisions) + lm_head)
+
+
+def _check_disk(model: Any, where: Path, precisions: Sequence[str]) -> None:
+    need = estimated_bytes(model, precisions)
+    free = shutil.disk_usage(where).free
+    if free < need * 1.1:
+        raise ExportError(
+            f"not enough free disk in {where.resolve()}: the export needs about "
+            f"{need / 1e9:.2f} GB and {free / 1e9:.2f} GB is free. Free space or pass --out "
+            "on a larger disk."
+        )
+
+
+def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
+    """optimum's text-generation-with-past export of `model` into out_dir/model.onnx (+ data)."""
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    raw = out_dir / "optimum-raw"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings are expected and not actionable
+        onnx_export_from_model(model, raw, task="text-generation-with-past",
+                               do_validation=False)
+    graph = raw / "model.onnx"
+    if not graph.is_file():
+        raise ExportError(f"optimum produced no model.onnx in {raw}")
+    data = external_data_files(graph)
+    for name in ["model.onnx", *data]:
+        os.replace(raw / name, out_dir / name)
+    shutil.rmtree(raw)
+    return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
+                   io=VariantIO())
+
+
+def external_data_files(graph: Path) -> list[str]:
+    """Names of the external data files `graph` references (refusing paths that leave its dir)."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    names: set[str] = set()
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    for name in names:
+        if safe_child(graph.parent, name) is None:
+            raise ExportError(f"{graph}: external data {name!r} points outside the directory")
+    return sorted(names)
+
+
+def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
+    """int8 / int4 / fp16 variants (fused GroupQueryAttention graphs)."""
+    from gpt2_onnx.export.fused import build_fused_graph
+
+    return build_fused_graph(model, out_dir, precision)
+
+
+def model_dims(config: Any) -> ModelDims:
+    eos = config.eos_token_id if config.eos_token_id is not None else config.vocab_size - 1
+    bos = config.bos_token_id if config.bos_token_id is not None else eos
+    return ModelDims(
+        n_layer=config.n_layer, n_head=config.n_head, head_dim=config.n_embd // config.n_head,
+        n_embd=config.n_embd, n_positions=config.n_positions, vocab_size=config.vocab_size,
+        bos_token_id=int(bos), eos_token_id=int(eos),
+    )
+
+
+def package_versions() -> dict[str, str]:
+    names = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
+             "onnxruntime", "tokenizers")
+    versions = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Variant],
+                   model_dir: Path) -> Manifest:
+    files = [p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
+    return Manifest(
+        name=name, source=resolved.record, dims=model_dims(resolved.model.config),
+        variants=variants, files=file_entries(model_dir, files), versions=package_versions(),
+    )
+
+
+def refresh_file_entries(model_dir: Path, manifest: Manifest) -> Manifest:
+    """The manifest with sizes and hashes recomputed (after a file in the directory changed)."""
+    from dataclasses import replace
+
+    files = [p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
+    return replace(manifest, files=file_entries(model_dir, files))
+

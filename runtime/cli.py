@@ -1,0 +1,286 @@
+"""`gpt2-onnx` command line: adapts arguments to the library and turns errors into one line.
+
+Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` need
+the export extra and import it only when called.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpt2_onnx.runtime.errors import Gpt2OnnxError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.")
+err = Console(stderr=True, highlight=False)
+EXPORT_FIX = (
+    "the export extra is not installed: pip install torch==2.13.0 && "
+    "pip install 'gpt2-onnx[export]'"
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call library code; expected errors become one line and a non-zero exit."""
+    try:
+        return fn(*args, **kwargs)
+    except (Gpt2OnnxError, ValueError, FileNotFoundError) as exc:
+        if _state["debug"]:
+            raise
+        fail(str(exc))
+
+
+def _import_export(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"gpt2_onnx.export.{module}")
+    except ImportError as exc:
+        if _state["debug"]:
+            raise
+        fail(f"{EXPORT_FIX} ({exc.name or exc} is missing)")
+
+
+# --------------------------------------------------------------------------- export / verify
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="Hub id or local checkpoint directory.")]
+    = "gpt2-large",
+    out: Annotated[Path | None, typer.Option(help="Output directory [models/<name>].")] = None,
+    random_init: Annotated[str | None, typer.Option(
+        "--random-init", help="Seeded random weights of a preset (tiny, distilgpt2, gpt2, "
+        "gpt2-medium, gpt2-large, gpt2-xl) with the real tokenizer.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
+    precision: Annotated[str, typer.Option(
+        help="Comma-separated variants: fp32 plus any of int8, int4, fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
+) -> None:
+    """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""
+    pipeline = _import_export("pipeline")
+    progress_mod = _import_export("progress")
+    opts = pipeline.ExportOptions(
+        source=source, out=out, random_init=random_init, seed=seed, force=force,
+        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify)
+    with _signals_as_interrupt():
+        _run(pipeline.run_export, opts, progress_mod.RichProgress(err))
+
+
+@app.command("verify")
+def verify_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory to check.")],
+    reference: Annotated[str | None, typer.Option(
+        help="Reference checkpoint (hub id or directory) instead of the manifest's source.")]
+    = None,
+    prompts: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
+    steps: Annotated[int, typer.Option(help="Decode steps per check.")] = 32,
+    precision: Annotated[list[str] | None, typer.Option(help="Variant(s) to check [all].")]
+    = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+) -> None:
+    """Check the runtime's loop against the PyTorch transformers reference."""
+    verify_mod = _import_export("verify")
+    result = _run(verify_mod.verify_command, model_dir, reference=reference, prompts=prompts,
+                  steps=steps, precisions=precision, device=device, report_path=report,
+                  console=err)
+    if not result.passed:
+        fail(f"verify failed: {', '.join(result.failed_checks())}")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from `gpt2-onnx export`.")],
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
+    greedy: Annotated[bool, typer.Option(help="Pick the most likely token each step.")] = False,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens.")] = 50,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature (0 = greedy).")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="CTRL penalty (1 = none).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same tokens.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable).")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
+    show_top: Annotated[int, typer.Option(help="Show the top N candidates at each step.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")]
+    = False,
+) -> None:
+    """Generate text; streams to stdout, timings to stderr."""
+    from gpt2_onnx.runtime.generator import TextGenerator
+
+    gen = _run(TextGenerator.load, model_dir, device=device, precision=precision,
+               threads=threads)
+    settings = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p,
+                    temperature=temperature, repetition_penalty=repetition_penalty, seed=seed,
+                    stop=stop or None)
+    if json_out or show_top:
+        results = _run(gen.generate, list(prompts), show_top=show_top, **settings)
+        for res in results:
+            if show_top:
+                _print_steps(res)
+            if json_out:
+                sys.stdout.write(json.dumps(_result_json(res), ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write(res.prompt + res.text + "\n")
+            _print_timings(res.timings, len(res.ids))
+        return
+    for prompt in prompts:
+        streamed: list[str] = []
+        try:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            start = time.perf_counter()
+            for piece in _run(gen.stream, prompt, **settings):
+                streamed.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        sys.stdout.write("\n")
+        elapsed = time.perf_counter() - start
+        err.print(f"[dim]{len(''.join(streamed))} chars in {elapsed:.2f} s[/]")
+
+
+def _result_json(res: Any) -> dict[str, Any]:
+    doc = {"prompt": res.prompt, "prompt_ids": res.prompt_ids, "ids": res.ids, "text": res.text,
+           "finish_reason": res.finish_reason, "timings": asdict(res.timings)}
+    if res.steps:
+        doc["steps"] = [asdict(s) for s in res.steps]
+    return doc
+
+
+def _print_timings(t: Any, n: int) -> None:
+    err.print(f"[dim]{n} tokens; prefill {t.prefill_ms:.1f} ms; "
+              f"decode {t.decode_tokens_per_s:.2f} tok/s[/]")
+
+
+def _print_steps(res: Any) -> None:
+    table = Table(title=f"top candidates: {res.prompt!r}", show_lines=False)
+    table.add_column("step", justify="right")
+    table.add_column("candidates (probability)")
+    table.add_column("chosen")
+    for s in res.steps:
+        cands = "  ".join(f"{c.text!r} {c.prob:.3f}" for c in s.candidates)
+        table.add_row(str(s.step), cands, f"{s.chosen.text!r} {s.chosen.prob:.3f}")
+    err.print(table)
+
+
+# --------------------------------------------------------------------------- tokens and info
+
+
+def _tokenizer_only(model_dir: Path) -> Any:
+    from gpt2_onnx.runtime.generator import load_tokenizer
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    manifest = _run(read_manifest, model_dir)
+    return _run(load_tokenizer, model_dir / manifest.tokenizer, manifest.dims.vocab_size), manifest
+
+
+@app.command()
+def tokenize(model_dir: Path, text: str) -> None:
+    """Print the token ids of TEXT as a JSON list."""
+    tok, _ = _tokenizer_only(model_dir)
+    sys.stdout.write(json.dumps(tok.encode(text, add_special_tokens=False).ids) + "\n")
+
+
+@app.command()
+def decode(model_dir: Path, ids: list[int]) -> None:
+    """Print the text of token IDS."""
+    tok, manifest = _tokenizer_only(model_dir)
+    bad = [i for i in ids if not 0 <= i < manifest.dims.vocab_size]
+    if bad:
+        fail(f"ids {bad[:5]} are outside [0, {manifest.dims.vocab_size - 1}]")
+    sys.stdout.write(tok.decode(ids, skip_special_tokens=False) + "\n")
+
+
+@app.command()
+def info(
+    model_dir: Path,
+    check_files: Annotated[bool, typer.Option(
+        "--check-files", help="Verify every file's sha256 against the manifest.")] = False,
+) -> None:
+    """Show the manifest: source, dims, variants, files, versions, verify summary."""
+    from gpt2_onnx.runtime import manifest as mf
+
+    m = _run(mf.read_manifest, model_dir)
+    table = Table(title=f"{model_dir}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("source", json.dumps(m.source))
+    d = m.dims
+    table.add_row("dims", f"{d.n_layer} layers, {d.n_head} heads x {d.head_dim}, width "
+                  f"{d.n_embd}, {d.n_positions} positions, vocab {d.vocab_size}")
+    for p, v in m.variants.items():
+        size = sum(m.files[f].size for f in (v.graph, *v.data) if f in m.files)
+        table.add_row(f"variant {p}", f"{v.graph} ({size / 1e6:.1f} MB, {v.dtype}, "
+                      f"kv {v.io.kv_layout})")
+    table.add_row("files", ", ".join(f"{n} {e.size / 1e6:.1f} MB" for n, e in m.files.items()))
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    if m.verify:
+        status = "passed" if m.verify.get("passed") else "FAILED"
+        table.add_row("verify", f"{status}: " + "; ".join(
+            f"{c['variant']} {c['check']} {c['figure']}" for c in m.verify.get("checks", [])))
+    else:
+        table.add_row("verify", "not run")
+    Console().print(table)
+    if check_files:
+        _run(mf.check_files, model_dir, m)
+        err.print(f"[green]all {len(m.files)} files match their sha256[/]")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _signals_as_interrupt:
+    """SIGTERM raises KeyboardInterrupt while active, so cleanup runs as on Ctrl-C."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        def handler(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        self._old = signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)

@@ -1,0 +1,13 @@
+"""Errors the runtime raises. Library code raises these; the CLI turns them into one line."""
+
+
+class Gpt2OnnxError(Exception):
+    """Base class for errors that carry a message meant for the user, fix included."""
+
+
+class ModelDirError(Gpt2OnnxError):
+    """A model directory is missing, damaged, or not one this runtime understands."""
+
+
+class DeviceError(Gpt2OnnxError):
+    """The requested device cannot be used (e.g. CUDA asked for without onnxruntime-gpu)."""

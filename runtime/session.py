@@ -1,0 +1,86 @@
+"""onnxruntime sessions: device resolution, providers and session options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+from gpt2_onnx.runtime.errors import DeviceError, ModelDirError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CUDA_FIX = (
+    "install the GPU runtime (pip uninstall onnxruntime; pip install 'gpt2-onnx[gpu]') on a "
+    "machine with an NVIDIA driver and CUDA 12/13 libraries, or use --device cpu"
+)
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (onnxruntime's best thread count for decode)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores: set[tuple[str, str]] = set()
+    try:
+        for cpu in allowed:
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+    except OSError:
+        return len(allowed)
+    return max(1, len(cores))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when onnxruntime has the CUDA provider, else 'cpu'. DeviceError when
+    'cuda' is asked for and the installed onnxruntime has no CUDA provider."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+    has_cuda = CUDA_PROVIDER in ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device == "cuda" and not has_cuda:
+        raise DeviceError(
+            f"--device cuda: the installed onnxruntime {ort.__version__} has no CUDA provider "
+            f"(package onnxruntime-gpu missing); {CUDA_FIX}."
+        )
+    return device
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # warnings from the optimizer are not the user's business
+    return opts
+
+
+def create_session(graph: Path, device: str, threads: int | None = None,
+                   device_id: int = 0) -> ort.InferenceSession:
+    """A session for `graph` on the resolved device ('cpu' or 'cuda')."""
+    opts = session_options(threads)
+    if device == "cuda":
+        providers: list = [(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        if device == "cuda" and "CUDA" in str(exc):
+            raise DeviceError(f"CUDA session for {graph.name} failed ({exc}); {CUDA_FIX}.") \
+                from exc
+        raise ModelDirError(
+            f"{graph}: onnxruntime cannot load this graph ({str(exc).splitlines()[0][:300]}). "
+            "The file is damaged or not a gpt2-onnx export; re-export (`gpt2-onnx export --force`)."
+        ) from exc
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise DeviceError(
+            "--device cuda: onnxruntime-gpu is installed but could not load CUDA (driver or "
+            f"CUDA/cuDNN libraries missing); {CUDA_FIX}."
+        )
+    return session
