@@ -1,0 +1,69 @@
+"""Shared fixtures: small models exported once per test session.
+
+Every fixture builds what it needs (nothing large is committed): the `tiny` random-init preset and
+a non-standard local checkpoint (5 layers, 4 heads, width 128, 512 positions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ODD_SHAPE = dict(n_layer=5, n_head=4, n_embd=128, n_positions=512, initializer_range=0.3)
+
+
+def export_dir(out: Path, source: str | None = None, random_init: str | None = None,
+               seed: int = 0, precisions: tuple[str, ...] = ("fp32",), verify: bool = False
+               ) -> Path:
+    from gpt2_onnx.export.pipeline import ExportOptions, run_export
+
+    return run_export(ExportOptions(source=source, out=out, random_init=random_init, seed=seed,
+                                    precisions=precisions, verify=verify, force=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random-init tiny, seed 0, fp32 only, exported without verify."""
+    return export_dir(tmp_path_factory.mktemp("tiny") / "random-tiny-seed0", random_init="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    """The transformers model with the same weights as `tiny_dir`."""
+    from gpt2_onnx.export.presets import build_random_model
+
+    return build_random_model("tiny", 0)
+
+
+def save_odd_checkpoint(path: Path, seed: int = 1) -> Path:
+    """A transformers GPT-2 checkpoint folder of a shape no public GPT-2 has."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2_onnx.export.tokenizer import save_tokenizer_files
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, **ODD_SHAPE)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    save_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_odd_checkpoint(tmp_path_factory.mktemp("odd-ckpt") / "odd-gpt2")
+
+
+@pytest.fixture(scope="session")
+def odd_dir(tmp_path_factory: pytest.TempPathFactory, odd_checkpoint: Path) -> Path:
+    """The odd-shape checkpoint exported from its local directory (fp32, no verify)."""
+    return export_dir(tmp_path_factory.mktemp("odd") / "odd-gpt2", source=str(odd_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def odd_reference(odd_checkpoint: Path):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(odd_checkpoint).eval()
