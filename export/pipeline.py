@@ -9,9 +9,12 @@ complete, so an interrupted or failed export leaves nothing loadable and no litt
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,11 +93,50 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
     if opts.random_init is None and not opts.source:
         raise ValueError("source: give a hub id, a local directory, or --random-init PRESET")
     out = output_dir(opts)
-    if out.exists() and not opts.force:
+    _check_replaceable(out, opts.force)
+    start = time.perf_counter()
+    try:
+        _export_into_place(opts, progress, out)
+    except OSError as exc:
+        raise _os_error(exc, out) from exc
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    progress.done(out, sizes, time.perf_counter() - start)
+    return out
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """Refuse an existing output without `force`, and with it anything but a model directory
+    (or an empty one): `--force --out ~/work` must never delete a user's files."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
         raise ExportError(f"{out} already exists; pass --force to replace it "
                           "(the old directory stays until the new one is complete).")
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; refusing to replace it. Pass its target "
+                          f"({os.path.realpath(out)}) as --out to replace the model there.")
+    if out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir())):
+        return
+    raise ExportError(
+        f"{out} exists and is not a gpt2-onnx model directory (no {MANIFEST_NAME}); refusing "
+        "to replace it even with --force. Choose another --out, or remove it yourself."
+    )
+
+
+def _os_error(exc: OSError, out: Path) -> ExportError:
+    """One line for a failed write: a full disk, permissions, a vanished directory."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError(
+            f"the disk holding {out.parent.resolve()} is full ({exc.strerror}). Nothing was "
+            f"written and {out} is as it was; free space or pass --out on a larger disk.")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return ExportError(f"writing {out} failed: {exc.strerror or exc}{where}. Nothing was "
+                       f"written and {out} is as it was.")
+
+
+def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> None:
+    """The fixed sequence, inside a temporary sibling renamed to `out` only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     with _temporary_sibling(out) as tmp:
         _stage(opts, progress, "load")
         with progress.stage("load checkpoint"):
@@ -128,10 +170,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
                     raise ExportError(f"verify failed: {', '.join(report.failed_checks())}. "
                                       "Nothing was written; rerun with --no-verify to inspect.")
         _stage(opts, progress, "rename")
-        _move_into_place(tmp, out)
-    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    progress.done(out, sizes, time.perf_counter() - start)
-    return out
+        with _signals_deferred():
+            _move_into_place(tmp, out)
 
 
 def _stage(opts: ExportOptions, progress: Progress, name: str) -> None:
@@ -147,7 +187,34 @@ def _temporary_sibling(out: Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_deferred():  # a second Ctrl-C must not stop the cleanup halfway
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers that were
+    in place, so a rename-into-place or a cleanup is never cut in half. (Blocking the signals
+    with pthread_sigmask would not do: onnxruntime's and torch's threads would still take them.)
+    A no-op off the main thread, where Python runs no signal handlers anyway."""
+    signums = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in signums}
+    if any(h is None for h in old.values()):  # installed outside Python: cannot restore
+        yield
+        return
+    held: list[int] = []
+    for s in signums:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -155,6 +222,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it the usual permissions
+    for path in tmp.iterdir():  # so do some writers (optimum's external data file is 0600)
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
     old = None
     if out.exists() or out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-old-", dir=out.parent))
@@ -228,7 +298,11 @@ def external_data_files(graph: Path) -> list[str]:
 
 
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
-    """int8 / int4 / fp16 variants (fused GroupQueryAttention graphs)."""
+    """int8 / int4 variants (fused GroupQueryAttention graphs); fp16 (optimum's graph in fp16)."""
+    if precision == "fp16":
+        from gpt2_onnx.export.fp16 import build_fp16_variant
+
+        return build_fp16_variant(out_dir)
     from gpt2_onnx.export.fused import build_fused_graph
 
     return build_fused_graph(model, out_dir, precision)

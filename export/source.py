@@ -38,7 +38,10 @@ def default_name(source: str | None, random_init: str | None, seed: int) -> str:
     if random_init:
         return f"random-{random_init}-seed{seed}"
     assert source is not None
-    return Path(source.rstrip("/")).name if Path(source).exists() else source.split("/")[-1]
+    if Path(source).exists():
+        # resolve(): "." or "ckpt/" must give the folder's own name, never "" (-> models/)
+        return Path(source).resolve().name or "model"
+    return source.split("/")[-1] or "model"
 
 
 def resolve_source(source: str | None, random_init: str | None, seed: int) -> ResolvedSource:
@@ -61,8 +64,8 @@ def resolve_source(source: str | None, random_init: str | None, seed: int) -> Re
     return _resolve_hub(source)
 
 
-def _check_gpt2_config(config: dict[str, Any], where: str) -> None:
-    model_type = config.get("model_type")
+def _check_gpt2_config(config: Any, where: str) -> None:
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "gpt2":
         raise SourceError(
             f"{where}: model_type is {model_type!r}, not 'gpt2'. gpt2-onnx exports GPT-2 "
@@ -86,9 +89,13 @@ def _resolve_local(path: Path) -> ResolvedSource:
             "(config.json, model.safetensors or pytorch_model.bin, tokenizer files)."
         )
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{config_path}: not valid JSON ({exc}).") from exc
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SourceError(f"{config_path}: not readable JSON ({str(exc)[:200]}). Save the "
+                          "checkpoint again with model.save_pretrained(...).") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{config_path}: expected a JSON object, got {type(config).__name__}. "
+                          "Save the checkpoint again with model.save_pretrained(...).")
     _check_gpt2_config(config, str(config_path))
     if not _has_tokenizer(path):
         raise SourceError(
@@ -98,9 +105,13 @@ def _resolve_local(path: Path) -> ResolvedSource:
     from transformers import GPT2LMHeadModel
 
     try:
-        model = GPT2LMHeadModel.from_pretrained(str(path), torch_dtype="float32")
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path}: cannot load the weights ({exc}).") from exc
+        model = GPT2LMHeadModel.from_pretrained(str(path), dtype="float32")
+    except Exception as exc:  # noqa: BLE001 - OSError, safetensors and shape errors alike
+        raise SourceError(
+            f"{path}: cannot load the weights ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). The checkpoint is damaged "
+            "or incomplete; save it again with model.save_pretrained(...)."
+        ) from exc
     record = {"kind": "local", "path": str(path.resolve())}
     return ResolvedSource(model.eval(), record, path.resolve().name, path)
 
@@ -108,7 +119,6 @@ def _resolve_local(path: Path) -> ResolvedSource:
 def _resolve_hub(repo_id: str) -> ResolvedSource:
     """Download from the hub; fail within seconds when it is unreachable."""
     import huggingface_hub
-    from transformers import GPT2LMHeadModel
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     revision = None
@@ -127,12 +137,14 @@ def _resolve_hub(repo_id: str) -> ResolvedSource:
                     "(gpt2-onnx export --random-init gpt2-large)."
                 ) from exc
             offline = True
+    from transformers import GPT2LMHeadModel  # after the reachability check: it takes seconds
+
     try:
         config_file = huggingface_hub.hf_hub_download(
             repo_id, "config.json", revision=revision, local_files_only=offline)
         _check_gpt2_config(json.loads(Path(config_file).read_text()), f"{repo_id}/config.json")
         model = GPT2LMHeadModel.from_pretrained(
-            repo_id, revision=revision, local_files_only=offline, torch_dtype="float32")
+            repo_id, revision=revision, local_files_only=offline, dtype="float32")
         snapshot = Path(config_file).parent
     except OSError as exc:
         raise SourceError(f"{repo_id}: cannot download or load the checkpoint ({exc}).") from exc
@@ -175,6 +187,13 @@ def write_tokenizer(resolved: ResolvedSource, out_dir: Path) -> None:
 def load_reference(record: dict[str, Any]) -> Any:
     """Rebuild the transformers model a manifest's source record names (for verify)."""
     kind = record.get("kind")
+    need = {"random-init": {"preset": str, "seed": int}, "local": {"path": str},
+            "hub": {"id": str}}.get(kind, {})
+    bad = [k for k, t in need.items()
+           if not isinstance(record.get(k), t) or isinstance(record.get(k), bool)]
+    if bad:
+        raise SourceError(f"the manifest's source record {record!r} lacks a valid "
+                          f"{', '.join(bad)}; pass --reference SOURCE.")
     if kind == "random-init":
         return build_random_model(record["preset"], int(record["seed"]))
     if kind == "local":
@@ -183,5 +202,5 @@ def load_reference(record: dict[str, Any]) -> Any:
         from transformers import GPT2LMHeadModel
 
         return GPT2LMHeadModel.from_pretrained(
-            record["id"], revision=record.get("revision"), torch_dtype="float32").eval()
+            record["id"], revision=record.get("revision"), dtype="float32").eval()
     raise SourceError(f"unknown source kind {kind!r} in the manifest; pass --reference SOURCE.")

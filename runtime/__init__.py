@@ -1,2 +1,30 @@
-"""gpt2_onnx.runtime: torch-free GPT-2 generation on onnxruntime (imports only onnxruntime,
-tokenizers and numpy)."""
+"""gpt2_onnx.runtime: torch-free GPT-2 generation on onnxruntime.
+
+Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI).
+"""
+
+from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
+from gpt2_onnx.runtime.generator import (
+    Candidate,
+    GenerationResult,
+    StepRecord,
+    TextGenerator,
+    Timings,
+)
+from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
+from gpt2_onnx.runtime.sampling import SamplingSettings
+
+__all__ = [
+    "Candidate",
+    "DeviceError",
+    "GenerationResult",
+    "Gpt2OnnxError",
+    "Manifest",
+    "ModelDirError",
+    "SamplingSettings",
+    "StepRecord",
+    "TextGenerator",
+    "Timings",
+    "check_files",
+    "read_manifest",
+]

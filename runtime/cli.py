@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
@@ -26,6 +27,8 @@ EXPORT_FIX = (
     "the export extra is not installed: pip install torch==2.13.0 && "
     "pip install 'gpt2-onnx[export]'"
 )
+# Top-level packages the export extra brings (the export half imports them inside functions).
+EXPORT_PACKAGES = ("torch", "transformers", "optimum", "onnx")
 _state = {"debug": False}
 
 
@@ -35,7 +38,8 @@ def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks on errors.")
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # Escaped: messages hold brackets ("gpt2-onnx[export]", "[0, 50256]") that are not markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -49,15 +53,44 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         fail(str(exc))
 
 
+def _missing_export_packages() -> list[str]:
+    """Top-level packages of the export extra that cannot be imported (checked without importing
+    them: the export half imports them lazily, inside its functions)."""
+    import importlib.util
+
+    missing = []
+    for name in EXPORT_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken or blocked package counts as missing
+            missing.append(name)
+    return missing
+
+
 def _import_export(module: str) -> Any:
     import importlib
 
+    missing = _missing_export_packages()
+    if missing and not _state["debug"]:
+        fail(f"{EXPORT_FIX} ({', '.join(missing)} missing)")
     try:
         return importlib.import_module(f"gpt2_onnx.export.{module}")
     except ImportError as exc:
         if _state["debug"]:
             raise
         fail(f"{EXPORT_FIX} ({exc.name or exc} is missing)")
+
+
+def _run_export_step(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`_run` for export/verify: a package of the export extra failing to import inside the
+    pipeline (lazy imports) also becomes the install hint, not a traceback."""
+    try:
+        return _run(fn, *args, **kwargs)
+    except ImportError as exc:
+        if _state["debug"] or (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
+            raise
+        fail(f"{EXPORT_FIX} ({exc.name} cannot be imported: {exc})")
 
 
 # --------------------------------------------------------------------------- export / verify
@@ -84,7 +117,7 @@ def export(
         source=source, out=out, random_init=random_init, seed=seed, force=force,
         precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify)
     with _signals_as_interrupt():
-        _run(pipeline.run_export, opts, progress_mod.RichProgress(err))
+        _run_export_step(pipeline.run_export, opts, progress_mod.RichProgress(err))
 
 
 @app.command("verify")
@@ -102,9 +135,9 @@ def verify_cmd(
 ) -> None:
     """Check the runtime's loop against the PyTorch transformers reference."""
     verify_mod = _import_export("verify")
-    result = _run(verify_mod.verify_command, model_dir, reference=reference, prompts=prompts,
-                  steps=steps, precisions=precision, device=device, report_path=report,
-                  console=err)
+    result = _run_export_step(
+        verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
+        precisions=precision, device=device, report_path=report, console=err)
     if not result.passed:
         fail(f"verify failed: {', '.join(result.failed_checks())}")
 
@@ -153,11 +186,12 @@ def generate(
         return
     for prompt in prompts:
         streamed: list[str] = []
+        pieces = _run(gen.stream, prompt, **settings)  # bad settings fail before any output
         try:
             sys.stdout.write(prompt)
             sys.stdout.flush()
             start = time.perf_counter()
-            for piece in _run(gen.stream, prompt, **settings):
+            for piece in pieces:
                 streamed.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -185,13 +219,14 @@ def _print_timings(t: Any, n: int) -> None:
 
 
 def _print_steps(res: Any) -> None:
-    table = Table(title=f"top candidates: {res.prompt!r}", show_lines=False)
+    # Token texts are data, not markup ("[/" is a token): escape every cell.
+    table = Table(title=escape(f"top candidates: {res.prompt!r}"), show_lines=False)
     table.add_column("step", justify="right")
     table.add_column("candidates (probability)")
     table.add_column("chosen")
     for s in res.steps:
         cands = "  ".join(f"{c.text!r} {c.prob:.3f}" for c in s.candidates)
-        table.add_row(str(s.step), cands, f"{s.chosen.text!r} {s.chosen.prob:.3f}")
+        table.add_row(str(s.step), escape(cands), escape(f"{s.chosen.text!r} {s.chosen.prob:.3f}"))
     err.print(table)
 
 
@@ -233,23 +268,25 @@ def info(
     from gpt2_onnx.runtime import manifest as mf
 
     m = _run(mf.read_manifest, model_dir)
-    table = Table(title=f"{model_dir}", show_header=False)
+    table = Table(title=escape(str(model_dir)), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("source", json.dumps(m.source))
+    table.add_row("source", escape(json.dumps(m.source)))
     d = m.dims
     table.add_row("dims", f"{d.n_layer} layers, {d.n_head} heads x {d.head_dim}, width "
                   f"{d.n_embd}, {d.n_positions} positions, vocab {d.vocab_size}")
     for p, v in m.variants.items():
         size = sum(m.files[f].size for f in (v.graph, *v.data) if f in m.files)
-        table.add_row(f"variant {p}", f"{v.graph} ({size / 1e6:.1f} MB, {v.dtype}, "
-                      f"kv {v.io.kv_layout})")
-    table.add_row("files", ", ".join(f"{n} {e.size / 1e6:.1f} MB" for n, e in m.files.items()))
+        table.add_row(escape(f"variant {p}"), escape(f"{v.graph} ({size / 1e6:.1f} MB, "
+                                                      f"{v.dtype}, kv {v.io.kv_layout})"))
+    table.add_row("files", escape(", ".join(f"{n} {e.size / 1e6:.1f} MB"
+                                            for n, e in m.files.items())))
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     if m.verify:
         status = "passed" if m.verify.get("passed") else "FAILED"
-        table.add_row("verify", f"{status}: " + "; ".join(
-            f"{c['variant']} {c['check']} {c['figure']}" for c in m.verify.get("checks", [])))
+        table.add_row("verify", escape(f"{status}: " + "; ".join(
+            f"{c.get('variant')} {c.get('check')} {c.get('figure')}"
+            for c in m.verify.get("checks", []))))
     else:
         table.add_row("verify", "not run")
     Console().print(table)

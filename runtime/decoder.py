@@ -74,6 +74,9 @@ class ConcatDecoder:
         self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
         graph_inputs = {i.name for i in session.get_inputs()}
         self._feeds_position_ids = io.position_ids in graph_inputs
+        graph_outputs = {o.name for o in session.get_outputs()}
+        # The last-row output, when the graph has one: [batch, vocab] comes down at prefill.
+        self._last_logits = io.logits_last if io.logits_last in graph_outputs else ""
 
     def start(self, batch: int, max_len: int) -> ConcatCache:
         # Zero-length past tensors [b, h, 0, d]: onnxruntime accepts them from numpy on CPU. On
@@ -98,18 +101,22 @@ class ConcatDecoder:
                                    np.ascontiguousarray(position_ids, dtype=np.int64))
         for name in self._past:
             binding.bind_ortvalue_input(name, cache.values[name])
-        # Logits to the host; presents stay where the session runs.
-        binding.bind_output(io.logits, "cpu")
+        # Logits to the host (only the last row when the graph offers it); presents stay where
+        # the session runs.
+        use_last = bool(self._last_logits) and not all_logits
+        binding.bind_output(self._last_logits if use_last else io.logits, "cpu")
         for name in self._present:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in binding order, not graph order (FACTS.md)
         logits_ov, presents = outputs[0], outputs[1:]
-        logits = logits_ov.numpy()  # [batch, seq, vocab]
+        logits = logits_ov.numpy()  # [batch, vocab] if use_last, else [batch, seq, vocab]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
-        if not all_logits:
-            logits = logits[:, -1, :]
+        if not all_logits and not use_last:
+            # A copy, not a view: a view would keep the whole [batch, seq, vocab] prefill array
+            # (180 MB for 900 tokens) alive until the next step.
+            logits = logits[:, -1, :].copy()  # [batch, vocab]
         seq = input_ids.shape[1]
         nxt = ConcatCache(dict(zip(self._past, presents, strict=True)), cache.length + seq)
         return logits, nxt

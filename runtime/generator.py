@@ -112,6 +112,16 @@ class TextGenerator:
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special handling: "<|endoftext|>" maps to its id)."""
+        if not isinstance(text, str):
+            raise ValueError(f"prompt: expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"prompt: character {exc.start} is a lone surrogate "
+                f"(U+{ord(text[exc.start]):04X}), not valid Unicode text; fix the input's "
+                "decoding"
+            ) from exc
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -120,7 +130,10 @@ class TextGenerator:
 
     def _check_ids(self, ids: Sequence[int], what: str) -> None:
         vocab = self.manifest.dims.vocab_size
-        bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < vocab]
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise ValueError(f"{what}: expected a list of token ids, got {type(ids).__name__}")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+               or not 0 <= int(i) < vocab]
         if bad:
             raise ValueError(f"{what}: token ids must be integers in [0, {vocab - 1}]; "
                              f"got {bad[:5]}")
@@ -146,9 +159,12 @@ class TextGenerator:
         (greedy exactly; sampling too, each row drawing from its own generator seeded `seed`).
         """
         single = isinstance(prompt_or_prompts, str)
+        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
+            raise ValueError("prompt: give a string or a non-empty list of strings, got "
+                             f"{type(prompt_or_prompts).__name__}")
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt_or_prompts: give a string or a non-empty list of strings")
+            raise ValueError("prompt: give a string or a non-empty list of strings")
         results = self.generate_ids(
             [self.encode(p) for p in prompts], prompts=prompts, max_new_tokens=max_new_tokens,
             greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -176,6 +192,18 @@ class TextGenerator:
         if not isinstance(prompt, str):
             raise ValueError("prompt: stream takes one string")
         stops = _stop_list(stop)
+        settings = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
+                                    temperature=temperature,
+                                    repetition_penalty=repetition_penalty)
+        prompt_ids = self.encode(prompt)
+        # Validated here, when stream() is called, not at the first next(): a caller (the CLI)
+        # learns about a bad setting before it prints anything.
+        self._validate([prompt_ids], max_new_tokens, settings, 0, seed)
+        return self._stream(prompt, prompt_ids, max_new_tokens, settings, seed, stops)
+
+    def _stream(self, prompt: str, prompt_ids: list[int], max_new_tokens: int,
+                settings: SamplingSettings, seed: int | None, stops: list[str]
+                ) -> Iterator[str]:
         emitted = 0
         pieces: list[str] = []
 
@@ -186,12 +214,9 @@ class TextGenerator:
                 pieces.append(text[emitted:safe])
                 emitted = safe
 
-        loop = self._loop(
-            [self.encode(prompt)], [prompt], max_new_tokens=max_new_tokens,
-            settings=SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
-                                      temperature=temperature,
-                                      repetition_penalty=repetition_penalty),
-            seed=seed, stops=stops, show_top=0, on_text=on_token)
+        loop = self._loop([prompt_ids], [prompt], max_new_tokens=max_new_tokens,
+                          settings=settings, seed=seed, stops=stops, show_top=0,
+                          on_text=on_token)
         for _ in loop:
             yield from pieces
             pieces.clear()
@@ -216,6 +241,11 @@ class TextGenerator:
         settings = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
                                     temperature=temperature,
                                     repetition_penalty=repetition_penalty)
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids or not all(
+                isinstance(p, (list, tuple)) for p in prompt_ids):
+            raise ValueError("prompt_ids: give a non-empty list of token-id lists (one per prompt)")
+        for i, ids in enumerate(prompt_ids):
+            self._check_ids(ids, f"prompt {i}")
         texts = list(prompts) if prompts is not None else [self.decode(p) for p in prompt_ids]
         loop = self._loop([list(p) for p in prompt_ids], texts, max_new_tokens=max_new_tokens,
                           settings=settings, seed=seed, stops=_stop_list(stop),
@@ -227,9 +257,12 @@ class TextGenerator:
 
     # ------------------------------------------------------------------ the loop
     def _validate(self, prompt_ids: list[list[int]], max_new_tokens: int,
-                  settings: SamplingSettings, show_top: int) -> None:
+                  settings: SamplingSettings, show_top: int, seed: int | None) -> None:
         dims = self.manifest.dims
         settings.validate(dims.vocab_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -237,6 +270,11 @@ class TextGenerator:
             raise ValueError(f"show_top must be in [0, {dims.vocab_size}], got {show_top!r}")
         for i, ids in enumerate(prompt_ids):
             self._check_ids(ids, f"prompt {i}")
+            if len(ids) > dims.n_positions:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens, more than n_positions="
+                    f"{dims.n_positions} the model allows; shorten it"
+                )
             room = dims.n_positions - max(len(ids), 1)
             if max_new_tokens > room:
                 raise ValueError(
@@ -258,7 +296,7 @@ class TextGenerator:
         on_text: Callable[[str, bool], None] | None,
     ) -> Iterator[list[GenerationResult]]:
         """The token loop. Yields after each step ([] until done, then the results)."""
-        self._validate(prompt_ids, max_new_tokens, settings, show_top)
+        self._validate(prompt_ids, max_new_tokens, settings, show_top, seed)
         dims = self.manifest.dims
         eos = dims.eos_token_id
         rows = [
@@ -404,6 +442,8 @@ def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
+    if not isinstance(stop, (str, list, tuple)):
+        raise ValueError("stop: give a string or a list of non-empty strings")
     stops = [stop] if isinstance(stop, str) else list(stop)
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError("stop: give non-empty strings")

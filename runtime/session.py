@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,18 +35,38 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver reports (0 without a driver), via libcuda itself: the CUDA
+    provider is listed by onnxruntime-gpu whether or not the machine has a GPU."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1" if os.name != "nt" else "nvcuda.dll")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when onnxruntime has the CUDA provider, else 'cpu'. DeviceError when
-    'cuda' is asked for and the installed onnxruntime has no CUDA provider."""
+    """'auto' -> 'cuda' when onnxruntime has the CUDA provider and the driver sees a GPU, else
+    'cpu'. DeviceError when 'cuda' is asked for and either is missing."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
-    has_cuda = CUDA_PROVIDER in ort.get_available_providers()
+    has_provider = CUDA_PROVIDER in ort.get_available_providers()
     if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device == "cuda" and not has_cuda:
+        return "cuda" if has_provider and cuda_device_count() > 0 else "cpu"
+    if device == "cuda" and not has_provider:
         raise DeviceError(
             f"--device cuda: the installed onnxruntime {ort.__version__} has no CUDA provider "
             f"(package onnxruntime-gpu missing); {CUDA_FIX}."
+        )
+    if device == "cuda" and cuda_device_count() == 0:
+        raise DeviceError(
+            "--device cuda: onnxruntime-gpu is installed but no NVIDIA driver or GPU was found "
+            f"(libcuda.so.1 missing or it reports 0 devices); {CUDA_FIX}."
         )
     return device
 
@@ -64,6 +85,11 @@ def create_session(graph: Path, device: str, threads: int | None = None,
                    device_id: int = 0) -> ort.InferenceSession:
     """A session for `graph` on the resolved device ('cpu' or 'cuda')."""
     opts = session_options(threads)
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* pip packages (torch's) when
+        # they are not on the library path; a failure here shows up as the provider check below.
+        with contextlib.suppress(OSError):
+            ort.preload_dlls(msvc=False)
     if device == "cuda":
         providers: list = [(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
     else:

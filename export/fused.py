@@ -1,0 +1,370 @@
+"""GPT-2 written directly as an ONNX graph around com.microsoft.GroupQueryAttention.
+
+The graph reads and writes one preallocated KV buffer per layer in place (kv_layout "shared"): the
+runtime binds the same OrtValue as past_key.{i} and present_key.{i}, so a decode step copies no
+cache. Only the rows named by `logits_index` reach the lm_head (the last position while
+generating), so a long prefill does not pay for [seq, vocab] logits.
+
+Weights are streamed: each tensor is converted, optionally block-quantized (onnxruntime's own
+MatMulNBits quantizer, one tensor at a time) and appended to the external data file, so the
+export holds the transformers model plus one tensor, never a second full copy.
+
+Graph inputs (int64 unless noted):
+  input_ids [batch, seq], position_ids [batch, seq]       -- right-padded rows (see shared_kv.py)
+  seqlens_k int32 [batch]                                  -- per row: total length - 1
+  total_sequence_length int32 []                           -- longest row's total length
+  logits_index [batch, rows]                               -- positions in `seq` to compute logits
+  past_key.{i} / past_value.{i} f32 [batch, n_head, max_len, head_dim]
+Graph outputs: logits f32 [batch, rows, vocab]; present_key.{i} / present_value.{i} (the buffers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2_onnx.runtime.manifest import Variant, VariantIO
+
+PRECISIONS = ("fp32", "int8", "int4")
+OPSET = 17  # LayerNormalization
+IR_VERSION = 8  # what onnxruntime 1.20+ loads; the graph uses no newer types
+EXTERNAL_DATA_MIN_BYTES = 1 << 30  # parameters above 1 GiB go to `<graph>.data` (protobuf: 2 GB)
+INLINE_MAX_BYTES = 1024  # smaller tensors stay in the .onnx file even then
+
+# Weight-only quantization settings (MatMulNBits), chosen by measurement (see the export report).
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 activations on the CPU (VNNI/AMX kernels)
+# Quantized variants quantize the tied token table too: once, shared by the lm_head
+# (MatMulNBits) and the embedding (GatherBlockQuantized). False keeps it float32 (Gemm lm_head).
+QUANTIZE_LM_HEAD = True
+
+FUSED_IO = VariantIO(
+    input_ids="input_ids",
+    attention_mask="",  # the graph takes no mask: row lengths arrive as seqlens_k
+    position_ids="position_ids",
+    logits="logits",
+    past_key="past_key.{i}",
+    past_value="past_value.{i}",
+    present_key="present_key.{i}",
+    present_value="present_value.{i}",
+    kv_layout="shared",
+    logits_rows="last",
+    extra_inputs={
+        "seqlens_k": "seqlens_k",
+        "total_sequence_length": "total_sequence_length",
+        "logits_index": "logits_index",
+    },
+)
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers of the graph being built, with weights streamed to `data_path`."""
+
+    precision: str
+    data_path: Path | None  # None: initializers stay inside the .onnx file
+    nodes: list[Any] = field(default_factory=list)
+    initializers: list[Any] = field(default_factory=list)
+    _data: Any = None  # open file handle of the external data file
+    _offset: int = 0
+
+    def __enter__(self) -> _Graph:
+        if self.data_path is not None:
+            self._data = open(self.data_path, "wb")  # closed in __exit__
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._data is not None:
+            self._data.close()
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, name: str,
+             domain: str = "", **attrs: Any) -> str:
+        """Append one node; returns its (first) output name."""
+        from onnx import helper
+
+        outs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs[0]
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Store `array` as an initializer (appended to the data file when external)."""
+        from onnx import TensorProto, numpy_helper
+
+        array = np.ascontiguousarray(array)
+        # Shape constants stay inline: onnxruntime's shape inference cannot read external ones.
+        if self._data is None or array.nbytes < INLINE_MAX_BYTES:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = _onnx_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        pad = -self._offset % 64  # align each tensor so onnxruntime can map it directly
+        self._data.write(b"\0" * pad)
+        self._offset += pad
+        self._data.write(array.data)  # no copy: contiguous
+        for key, val in (("location", self.data_path.name), ("offset", str(self._offset)),
+                         ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, val
+        self._offset += array.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, name: str, values: list[int]) -> str:
+        return self.weight(name, np.asarray(values, dtype=np.int64))
+
+
+def _onnx_dtype(dtype: np.dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    """A torch parameter as float32 numpy (shares memory when already float32 and contiguous)."""
+    import torch
+
+    return tensor.detach().to(torch.float32).contiguous().numpy()
+
+
+def _linear(g: _Graph, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+    """x @ w (+ b); w is [in, out] (GPT-2's Conv1D layout). Block-quantized unless fp32."""
+    if g.precision == "fp32":
+        y = g.node("MatMul", [x, g.weight(f"{name}.weight", w)], f"{name}/mm", f"{name}/MatMul")
+    else:
+        y = _matmul_nbits(g, x, _quantize(g, w, f"{name}.weight"), name)
+    if b is None:
+        return y
+    return g.node("Add", [y, g.weight(f"{name}.bias", b)], f"{name}/out", f"{name}/Add")
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """Names of a block-quantized weight [K, N] stored as MatMulNBits wants it."""
+
+    data: str  # uint8 [N, K / block, block * bits / 8]
+    scales: str  # float32 [N, K / block]; symmetric, so no zero points (implicit 2^(bits-1))
+    k: int
+    n: int
+    bits: int
+
+
+def _quantize(g: _Graph, w: np.ndarray, name: str) -> _Quantized:
+    """Block-quantize w [K, N] with onnxruntime's own MatMulNBits quantizer (one tensor)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    bits = {"int8": 8, "int4": 4}[g.precision]
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True,
+                                          accuracy_level=ACCURACY_LEVEL, bits=bits)
+    # The C++ kernel reads the buffer as C order whatever the strides: pass a contiguous array.
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(w))
+    k, n = w.shape
+    return _Quantized(g.weight(f"{name}_Q{bits}", packed), g.weight(f"{name}_scales", scales),
+                      k, n, bits)
+
+
+def _matmul_nbits(g: _Graph, x: str, q: _Quantized, name: str) -> str:
+    return g.node("MatMulNBits", [x, q.data, q.scales], f"{name}/mm", f"{name}/MatMulNBits",
+                  domain="com.microsoft", K=q.k, N=q.n, bits=q.bits, block_size=BLOCK_SIZE,
+                  accuracy_level=ACCURACY_LEVEL)
+
+
+def _layer_norm(g: _Graph, x: str, ln: Any, eps: float, name: str) -> str:
+    return g.node("LayerNormalization",
+                  [x, g.weight(f"{name}.weight", _numpy(ln.weight)),
+                   g.weight(f"{name}.bias", _numpy(ln.bias))],
+                  f"{name}/out", f"{name}/LayerNorm", axis=-1, epsilon=eps)
+
+
+def _activation(g: _Graph, x: str, function: str, name: str) -> str:
+    """GPT-2's MLP activation: gelu_new (tanh approximation) -> FastGelu; exact gelu -> Gelu."""
+    if function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return g.node("FastGelu", [x], f"{name}/out", f"{name}/FastGelu", domain="com.microsoft")
+    if function == "gelu":
+        return g.node("Gelu", [x], f"{name}/out", f"{name}/Gelu", domain="com.microsoft")
+    if function == "relu":
+        return g.node("Relu", [x], f"{name}/out", f"{name}/Relu")
+    raise ValueError(f"activation_function {function!r} is not supported by the fused graph "
+                     "(supported: gelu_new, gelu_pytorch_tanh, gelu_fast, gelu, relu)")
+
+
+def _attention_scale(config: Any, layer: int) -> float:
+    head_dim = config.n_embd // config.n_head
+    scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale /= layer + 1
+    return scale
+
+
+def _block(g: _Graph, x: str, block: Any, config: Any, i: int) -> str:
+    """One transformer block; x is the residual stream [batch, seq, n_embd]."""
+    eps, p = config.layer_norm_epsilon, f"h.{i}"
+    h = _layer_norm(g, x, block.ln_1, eps, f"{p}.ln_1")
+    qkv = _linear(g, h, _numpy(block.attn.c_attn.weight), _numpy(block.attn.c_attn.bias),
+                  f"{p}.attn.c_attn")
+    q, k, v = (f"{p}.attn/{t}" for t in "qkv")
+    g.node("Split", [qkv, g.const(f"{p}.attn.split", [config.n_embd] * 3)], [q, k, v],
+           f"{p}.attn/Split", axis=-1)
+    attn = g.node(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"],
+        [f"{p}.attn/out", f"present_key.{i}", f"present_value.{i}"],
+        f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
+        num_heads=config.n_head, kv_num_heads=config.n_head, scale=_attention_scale(config, i),
+    )
+    attn = _linear(g, attn, _numpy(block.attn.c_proj.weight), _numpy(block.attn.c_proj.bias),
+                   f"{p}.attn.c_proj")
+    x = g.node("Add", [x, attn], f"{p}/res1", f"{p}/Add1")
+    h = _layer_norm(g, x, block.ln_2, eps, f"{p}.ln_2")
+    h = _linear(g, h, _numpy(block.mlp.c_fc.weight), _numpy(block.mlp.c_fc.bias),
+                f"{p}.mlp.c_fc")
+    h = _activation(g, h, config.activation_function, f"{p}.mlp.act")
+    h = _linear(g, h, _numpy(block.mlp.c_proj.weight), _numpy(block.mlp.c_proj.bias),
+                f"{p}.mlp.c_proj")
+    return g.node("Add", [x, h], f"{p}/res2", f"{p}/Add2")
+
+
+def _embed_tokens(g: _Graph, wte: np.ndarray) -> _Quantized | None:
+    """Token embeddings [batch, seq, n_embd] -> "embed/tok"; returns the quantized table if any.
+
+    wte is stored once and shared with the lm_head. fp32: a plain Gather (the lm_head uses the
+    same initializer through Gemm transB=1). Quantized: wte [V, E] is already MatMulNBits'
+    [N, K] layout, so its quantized bytes serve both the lm_head's MatMulNBits and, reshaped to
+    [V, E * bits / 8], a GatherBlockQuantized for the embedding.
+    """
+    if g.precision == "fp32" or not QUANTIZE_LM_HEAD:
+        g.node("Gather", [g.weight("wte", wte), "input_ids"], "embed/tok", "embed/GatherTok",
+               axis=0)
+        return None
+    q = _quantize(g, wte.T, "wte")
+    rows = g.node("Reshape", [q.data, g.const("wte.row_shape", [q.n, -1])], "wte/rows",
+                  "embed/Rows")
+    g.node("GatherBlockQuantized", [rows, "input_ids", q.scales], "embed/tok",
+           "embed/GatherBlockQuantized", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+           block_size=BLOCK_SIZE, bits=q.bits)
+    return q
+
+
+def _lm_head(g: _Graph, h: str, wte_q: _Quantized | None, n_embd: int) -> str:
+    """Logits [batch, rows, vocab] of the gathered rows h [batch, rows, n_embd]."""
+    if wte_q is not None:
+        return g.node("Identity", [_matmul_nbits(g, h, wte_q, "lm_head")], "logits",
+                      "lm_head/Identity")
+    # Gemm reads wte [V, E] transposed in place: no transposed copy in the file or in memory.
+    flat = g.node("Reshape", [h, g.const("lm_head.flat_shape", [-1, n_embd])], "lm_head/flat",
+                  "lm_head/Flatten")
+    y = g.node("Gemm", [flat, "wte"], "lm_head/gemm", "lm_head/Gemm", transB=1)
+    rows = g.node("Shape", ["logits_index"], "lm_head/rows", "lm_head/Shape")
+    shape = g.node("Concat", [rows, g.const("lm_head.vocab_dim", [-1])], "lm_head/shape",
+                   "lm_head/Concat", axis=0)
+    return g.node("Reshape", [y, shape], "logits", "lm_head/Unflatten")
+
+
+def _graph_io(config: Any) -> tuple[list[Any], list[Any]]:
+    from onnx import TensorProto, helper
+
+    hd = config.n_embd // config.n_head
+    kv = ["batch", config.n_head, "max_len", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "rows"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "rows", config.vocab_size])]
+    for i in range(config.n_layer):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv))
+            outputs.append(
+                helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv))
+    return inputs, outputs
+
+
+def _build_nodes(g: _Graph, model: Any) -> None:
+    config, tr = model.config, model.transformer
+    wte_q = _embed_tokens(g, _numpy(tr.wte.weight))  # wte [vocab, n_embd]
+    g.weight("wpe", _numpy(tr.wpe.weight))  # [n_positions, n_embd]
+    pos = g.node("Gather", ["wpe", "position_ids"], "embed/pos", "embed/GatherPos", axis=0)
+    x = g.node("Add", ["embed/tok", pos], "embed/out", "embed/Add")
+    for i, block in enumerate(tr.h):
+        x = _block(g, x, block, config, i)
+    x = _layer_norm(g, x, tr.ln_f, config.layer_norm_epsilon, "ln_f")
+    # Only the requested positions go on: [batch, seq, E] -> [batch, rows, E].
+    index = g.node("Unsqueeze", ["logits_index", g.const("gather.axes", [-1])], "gather/index",
+                   "gather/Unsqueeze")
+    x = g.node("GatherND", [x, index], "gather/out", "gather/GatherND", batch_dims=1)
+    _lm_head(g, x, wte_q, config.n_embd)
+
+
+def _check_model(model: Any, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS} for the fused graph")
+    config = model.config
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: the fused graph "
+                         "builds GPT-2 only")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    if config.add_cross_attention:
+        raise ValueError("add_cross_attention=True is not supported by the fused graph")
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() before export")
+
+
+def _param_bytes(model: Any) -> int:
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
+    """Write `model-<precision>.onnx` (+ `.onnx.data` when large) into out_dir; return its Variant.
+
+    model: a transformers GPT2LMHeadModel in eval mode. precision: fp32, int8 or int4 (weight-only
+    MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the KV cache
+    stay float32).
+    """
+    import onnx
+    import torch
+    from onnx import helper
+
+    _check_model(model, precision)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph_name = f"model-{precision}.onnx"
+    external = _param_bytes(model) > EXTERNAL_DATA_MIN_BYTES
+    data_path = out_dir / f"{graph_name}.data" if external else None
+    tmp_graph = out_dir / f"{graph_name}.tmp"
+    with torch.no_grad(), _Graph(precision, data_path) as g:
+        _build_nodes(g, model)
+    inputs, outputs = _graph_io(model.config)
+    graph = helper.make_graph(g.nodes, f"gpt2-fused-{precision}", inputs, outputs,
+                              initializer=g.initializers)
+    proto = helper.make_model(
+        graph, producer_name="gpt2-onnx",
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+    )
+    proto.ir_version = IR_VERSION
+    onnx.save(proto, tmp_graph)
+    # By path, so the checker finds the external data; contrib ops are not schema-checked.
+    onnx.checker.check_model(str(tmp_graph))
+    os.replace(tmp_graph, out_dir / graph_name)
+    return Variant(
+        precision=precision,
+        graph=graph_name,
+        data=(data_path.name,) if data_path is not None else (),
+        dtype="float32",
+        io=FUSED_IO,
+    )
+

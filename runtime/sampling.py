@@ -1,0 +1,268 @@
+"""Next-token choice: pure numpy functions over a logits row and an explicit `np.random.Generator`.
+
+Nothing here knows about the model. The generation loop hands `sample_token` the last position's
+logits [vocab], the settings and its own generator; `verify` and the tests call the pieces one by
+one. No function mutates its input.
+
+Order (as in transformers' `generate`): repetition penalty -> greedy argmax, or temperature ->
+top-k -> top-p -> softmax -> one draw.
+
+The draw uses exactly one `rng.random()` per sampled token and picks among the kept candidates
+*in token-id order* (cumulative sum + searchsorted). So a seed fixes the tokens, and two logits rows
+that differ by ~1e-5 (onnxruntime vs PyTorch) give the same token unless the uniform falls within
+~1e-5 of a boundary: ordering by probability instead would reorder near-equal candidates and move
+whole intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+# Top-p without top-k looks for the nucleus among the `_NUCLEUS_START` most probable tokens first
+# and widens by `_NUCLEUS_GROWTH` until it is found: a partial partition instead of a full sort of
+# the vocabulary (50257 tokens: ~0.4 ms per try vs ~2 ms for np.sort).
+_NUCLEUS_START = 1024
+_NUCLEUS_GROWTH = 8
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to pick the next token. Defaults sample; `greedy=True` or `temperature=0` is argmax."""
+
+    greedy: bool = False  # always take the most likely token (no randomness)
+    top_k: int | None = 50  # keep the k most likely tokens; None keeps all
+    top_p: float = 1.0  # keep the fewest most likely tokens with mass >= top_p; 1 keeps all
+    temperature: float = 1.0  # divide logits by this; 0 means greedy
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1 is off
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise one ValueError listing every setting outside its allowed range."""
+        problems = []
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            problems.append(f"greedy must be True or False, got {self.greedy!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, (bool, np.bool_))
+            or not isinstance(self.top_k, numbers.Integral)
+            or not 1 <= self.top_k <= vocab_size
+        ):
+            problems.append(
+                f"top_k must be None or an integer in [1, {vocab_size}] (the vocabulary size), "
+                f"got {self.top_k!r}"
+            )
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_real(self.temperature) or not self.temperature >= 0.0:
+            problems.append(
+                "temperature must be a finite number >= 0 (0 means greedy), "
+                f"got {self.temperature!r}"
+            )
+        if not _is_real(self.repetition_penalty) or not self.repetition_penalty > 0.0:
+            problems.append(
+                "repetition_penalty must be a finite number > 0 (1 is off), "
+                f"got {self.repetition_penalty!r}"
+            )
+        if problems:
+            raise ValueError("invalid sampling settings: " + "; ".join(problems))
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the argmax (greedy flag or temperature 0)."""
+        return bool(self.greedy) or self.temperature == 0
+
+
+def _is_real(value: object) -> bool:
+    """A finite real number (not a bool, nan or inf)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
+
+
+def _check_row(logits: np.ndarray) -> None:
+    """Refuse all but one non-empty float row without nan or +inf (-inf marks masked tokens)."""
+    if logits.ndim != 1 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be one row [vocab], got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("logits contain nan or +inf (in fp16 graphs: overflow; keep logits fp32)")
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Penalize tokens already in the sequence (CTRL's rule, as transformers applies it).
+
+    For every id in `seen` (duplicates count once): a negative logit is multiplied by `penalty`,
+    any other is divided by it. Returns a new array of the same dtype.
+    """
+    out = logits.copy()  # [vocab]
+    seen = np.asarray(seen)  # int [n], prompt + generated ids
+    if seen.size == 0 or penalty == 1.0:
+        return out
+    if not np.issubdtype(seen.dtype, np.integer):
+        raise ValueError(f"seen must hold integer token ids, got dtype {seen.dtype}")
+    ids = np.unique(seen)  # int [m], sorted
+    if ids[0] < 0 or ids[-1] >= logits.shape[-1]:
+        raise ValueError(
+            f"seen holds token ids outside [0, {logits.shape[-1] - 1}]: {ids[0]}..{ids[-1]}"
+        )
+    picked = out[..., ids]  # [m]
+    out[..., ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Divide logits by a temperature > 0 (< 1 sharpens, > 1 flattens). Returns a new array."""
+    if not _is_real(temperature) or not temperature > 0:
+        raise ValueError(
+            "temperature must be a finite number > 0 here (use greedy_pick for 0), "
+            f"got {temperature!r}"
+        )
+    return logits / np.asarray(temperature, dtype=logits.dtype)
+
+
+def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, unordered. Exactly k: among ties at the k-th value, any of them
+    (transformers' TopKLogitsWarper keeps every tie instead)."""
+    if k >= logits.shape[-1]:
+        return np.arange(logits.shape[-1])
+    return np.argpartition(logits, -k)[-k:]  # [k]
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits, set the rest to -inf. Returns a new array [vocab]."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+    out = np.full_like(logits, -np.inf)  # [vocab]
+    ids = _top_k_ids(logits, k)
+    out[ids] = logits[ids]
+    return out
+
+
+def _nucleus_mask(probs: np.ndarray, p: float) -> np.ndarray:
+    """Bool mask [n] of the smallest set of most probable entries whose mass reaches p (>= 1 kept).
+
+    `probs` may be in any order and need not sum to 1 exactly; ties at the edge go to the lower
+    index. Sorts only the tokens that can be in the nucleus when that is few (see _NUCLEUS_START).
+    """
+    n = probs.shape[0]
+    keep = np.zeros(n, dtype=bool)
+    if p >= 1.0:
+        keep[probs > 0] = True
+        return keep
+    # Candidates: the m most probable, widened until they hold mass p (or are everything).
+    pool = np.arange(n)
+    m = _NUCLEUS_START
+    while m < n:
+        part = np.argpartition(probs, -m)[-m:]  # [m], unordered
+        if probs[part].sum() >= p:
+            pool = np.sort(part)  # [m], ascending ids
+            break
+        m *= _NUCLEUS_GROWTH
+    pool_probs = probs[pool]  # [m]
+    desc = np.sort(pool_probs)[::-1]  # [m], descending
+    cum = np.cumsum(desc)  # [m], mass of the j + 1 most probable
+    n_keep = min(int(np.searchsorted(cum, p, side="left")) + 1, pool.shape[0])
+    # Keep all above the edge value, then the lowest ids among those equal to it.
+    edge = desc[n_keep - 1]
+    keep[pool[pool_probs > edge]] = True
+    ties = pool[pool_probs == edge]  # ascending ids
+    keep[ties[: n_keep - int(keep.sum())]] = True
+    return keep
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter: keep the fewest most probable tokens whose mass >= p, -inf elsewhere.
+
+    At least one token is always kept; p = 1 keeps every token. Returns a new array [vocab].
+    """
+    if not _is_real(p) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if p >= 1.0:
+        return logits.copy()
+    keep = _nucleus_mask(softmax(logits), p)  # bool [vocab]
+    return np.where(keep, logits, np.asarray(-np.inf, dtype=logits.dtype))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, computed in float64; -inf logits get probability 0."""
+    x = np.asarray(logits, dtype=np.float64)  # [..., vocab]
+    top = x.max(axis=-1, keepdims=True)  # [..., 1]
+    if not np.isfinite(top).all():
+        raise ValueError("softmax needs at least one finite logit per row and no nan or +inf")
+    e = np.exp(x - top)  # exp(-inf) = 0
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def greedy_pick(logits: np.ndarray) -> int:
+    """The most likely token id (the lowest id among ties, like torch.argmax)."""
+    return int(np.argmax(logits))
+
+
+def candidate_probs(
+    logits: np.ndarray,  # float [vocab], one position
+    settings: SamplingSettings,
+    seen: np.ndarray | None = None,  # int [n], ids already in the sequence
+) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution `sample_token` draws from: kept ids in ascending order and their probs.
+
+    Returns (ids int64 [m], probs float64 [m], summing to 1). For a greedy setting: the argmax with
+    probability 1.
+    """
+    _check_row(logits)
+    settings.validate(logits.shape[0])
+    if seen is not None and settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.is_greedy:
+        return np.array([greedy_pick(logits)], dtype=np.int64), np.ones(1)
+    ids = np.arange(logits.shape[0])  # [vocab]
+    if settings.top_k is not None:
+        ids = np.sort(_top_k_ids(logits, int(settings.top_k)))  # [k], ascending
+    scaled = logits[ids].astype(np.float64) / settings.temperature  # [m]
+    probs = softmax(scaled)  # [m]
+    keep = _nucleus_mask(probs, settings.top_p) & (probs > 0)  # bool [m]
+    ids, probs = ids[keep], probs[keep]
+    return ids.astype(np.int64), probs / probs.sum()
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Index into `probs` [m] chosen with exactly one rng.random(): searchsorted on the cdf."""
+    cdf = np.cumsum(probs)  # [m]
+    u = rng.random() * cdf[-1]
+    i = int(np.searchsorted(cdf, u, side="right"))  # first cdf > u: never a zero-probability entry
+    return min(i, int(np.flatnonzero(probs)[-1]))  # u * cdf[-1] may round up to cdf[-1]
+
+
+def sample_token(
+    logits: np.ndarray,  # float [vocab], one position
+    settings: SamplingSettings,
+    rng: np.random.Generator,
+    seen: np.ndarray | None = None,  # int [n], prompt + generated ids (for repetition_penalty)
+) -> int:
+    """Pick the next token id: argmax if greedy, else one draw from `candidate_probs`.
+
+    Greedy uses no randomness; sampling uses exactly one `rng.random()` per call.
+    """
+    ids, probs = candidate_probs(logits, settings, seen)
+    if settings.is_greedy:
+        return int(ids[0])
+    return int(ids[_draw(probs, rng)])
+
+
+def top_candidates(logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n most probable ids (descending; ties by id) and their probs under softmax(logits).
+
+    Raw logits, no filtering: for explaining a step. n above the vocabulary size returns all.
+    Returns (ids int64 [n], probs float64 [n]).
+    """
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    _check_row(logits)
+    probs = softmax(logits)  # [vocab]
+    ids = _top_k_ids(probs, int(n))  # [n], unordered
+    ids = ids[np.lexsort((ids, -probs[ids]))]  # descending prob, ties by id
+    return ids.astype(np.int64), probs[ids]

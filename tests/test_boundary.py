@@ -1,0 +1,131 @@
+"""The dependency boundary (issue 3): the runtime works without torch, transformers and optimum.
+
+Two proofs: a subprocess in which those modules cannot be imported loads a model directory and
+generates (API and CLI); and, in CI (or with GPT2_ONNX_VENV_TEST=1), a fresh virtual environment
+with only `pip install ".[cpu]"` runs `gpt2-onnx generate` and `tokenize`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "optimum")
+BLOCK = "import sys\nsys.modules.update(torch=None, transformers=None, optimum=None)\n"
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def test_runtime_generates_with_heavy_modules_blocked(tiny_dir: Path) -> None:
+    code = BLOCK + textwrap.dedent(f"""
+        import json
+        from gpt2_onnx.runtime.generator import TextGenerator
+        import gpt2_onnx.runtime.cli
+        gen = TextGenerator.load({str(tiny_dir)!r}, device="cpu")
+        res = gen.generate("Paris will", greedy=True, max_new_tokens=8)
+        pieces = list(gen.stream("Paris will", seed=1, max_new_tokens=8))
+        print(json.dumps(dict(ids=res.ids, prompt_ids=res.prompt_ids, text=res.text,
+                              n_pieces=len(pieces))))
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["prompt_ids"] == [40313, 481]
+    assert len(doc["ids"]) == 8 and doc["n_pieces"] >= 1
+
+
+def test_cli_generates_with_heavy_modules_blocked(tiny_dir: Path) -> None:
+    code = BLOCK + textwrap.dedent(f"""
+        sys.argv = ["gpt2-onnx", "generate", {str(tiny_dir)!r}, "Paris will", "--greedy",
+                    "--max-new-tokens", "5", "--json"]
+        from gpt2_onnx.runtime.cli import main
+        main()
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["prompt_ids"] == [40313, 481] and len(doc["ids"]) == 5
+
+
+def test_nothing_heavy_is_imported_by_the_runtime(tiny_dir: Path) -> None:
+    code = f"""
+        import sys
+        import gpt2_onnx.runtime
+        import gpt2_onnx.runtime.cli
+        from gpt2_onnx.runtime.generator import TextGenerator
+        from gpt2_onnx.runtime.cli import app
+        from typer.testing import CliRunner
+        gen = TextGenerator.load({str(tiny_dir)!r}, device="cpu")
+        gen.generate(["Paris will", "a"], max_new_tokens=4, seed=0, show_top=2)
+        list(gen.stream("Paris will", max_new_tokens=4, seed=0))
+        r = CliRunner().invoke(app, ["generate", {str(tiny_dir)!r}, "x", "--max-new-tokens", "2"])
+        assert r.exit_code == 0, r.output
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in {HEAVY!r} or m.startswith("gpt2_onnx.export"))
+        print(heavy)
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------------------------ fresh venv
+
+
+def _copy_sources(dest: Path) -> Path:
+    """The repository without models, caches and build outputs (installing from a copy keeps
+    pip's in-tree build from writing into the working tree)."""
+    ignore = shutil.ignore_patterns(".git", "models", "build", "dist", "*.egg-info", ".venv*",
+                                    "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
+                                    ".benchmarks", "bench", ".gpt2-onnx-tmp-*")
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+def _du_mb(path: Path) -> float:
+    """Disk use in MB, as `du -sm` reports it."""
+    du = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True, timeout=120)
+    return float(du.stdout.split()[0])
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("GPT2_ONNX_VENV_TEST") == "1"),
+                    reason="installs into a fresh venv (minutes); runs in CI or with "
+                           "GPT2_ONNX_VENV_TEST=1")
+def test_fresh_venv_with_cpu_extra_only(tiny_dir: Path, tmp_path: Path) -> None:
+    src = _copy_sources(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, cli = venv / "bin" / "python", venv / "bin" / "gpt2-onnx"
+    start = time.monotonic()
+    install = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-q",
+                              f"{src}[cpu]"], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stdout + install.stderr
+    install_s = time.monotonic() - start
+    for heavy in ("torch", "transformers", "optimum", "optimum-onnx"):
+        show = subprocess.run([str(py), "-m", "pip", "show", heavy], capture_output=True,
+                              text=True, timeout=120)
+        assert show.returncode != 0, f"{heavy} got installed with the cpu extra"
+    gen = subprocess.run([str(cli), "generate", str(tiny_dir), "Paris will",
+                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("Paris will") and len(gen.stdout) > len("Paris will\n")
+    tok = subprocess.run([str(cli), "tokenize", str(tiny_dir), "Paris will"],
+                         capture_output=True, text=True, timeout=120)
+    assert tok.returncode == 0, tok.stderr
+    assert json.loads(tok.stdout) == [40313, 481]
+    size = _du_mb(venv)
+    print(f"\nfresh venv with gpt2-onnx[cpu]: {size:.0f} MB, installed in {install_s:.0f} s")
+    assert size < 500, f"the runtime environment grew to {size:.0f} MB"
