@@ -37,6 +37,7 @@ from train_yardstick import (  # noqa: E402  (a script beside this one)
     tokens_sha256,
 )
 
+from gpt2_onnx.export.thresholds import THRESHOLDS  # noqa: E402
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 from gpt2_onnx.runtime.manifest import read_manifest  # noqa: E402
 from gpt2_onnx.runtime.scoring import batch_logits, log_softmax  # noqa: E402
@@ -54,6 +55,8 @@ class VariantQuality:
     ppl_change: float  # perplexity / reference perplexity - 1
     top1_heldout: float  # fraction of held-out positions whose argmax equals fp32's
     top1_greedy: float  # fraction of fp32-greedy steps whose argmax equals fp32's choice
+    top1_decisive: float  # the same, only where fp32's top-2 gap >= the precision's top1_margin
+    decisive_share: float  # share of held-out positions that are decisive
     mean_kl: float  # nats, KL(fp32 || variant) averaged over held-out positions
     max_kl: float
     first_divergence: list[int] = field(default_factory=list)  # per prompt; -1 = never
@@ -62,8 +65,11 @@ class VariantQuality:
 
 @dataclass
 class _Accumulator:
+    margin: float = 0.0  # top-2 gap (nats) from which a position counts as decisive
     nll: float = 0.0
     agree: int = 0
+    decisive: int = 0
+    decisive_agree: int = 0
     kl_sum: float = 0.0
     kl_max: float = 0.0
     count: int = 0
@@ -72,7 +78,12 @@ class _Accumulator:
         """logp, ref: float64 [n, vocab] log-distributions; targets int64 [n]."""
         rows = np.arange(len(targets))
         self.nll -= float(logp[rows, targets].sum())
-        self.agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+        same = logp.argmax(-1) == ref.argmax(-1)  # [n]
+        self.agree += int(same.sum())
+        top2 = np.partition(ref, -2, axis=-1)[:, -2:]  # [n, 2]
+        decisive = (top2[:, 1] - top2[:, 0]) >= self.margin  # [n]
+        self.decisive += int(decisive.sum())
+        self.decisive_agree += int((same & decisive).sum())
         kl = (np.exp(ref) * (ref - logp)).sum(-1)  # [n]
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
@@ -130,7 +141,8 @@ def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens:
         gen = TextGenerator.load(model_dir, device=device, precision=p, threads=threads)
         runners.append((p, gen, lambda seqs, g=gen: np.stack(batch_logits(g.decoder,
                                                                           list(seqs)))))
-    accs = {name: _Accumulator() for name, _, _ in runners}
+    accs = {name: _Accumulator(margin=THRESHOLDS.get(name, {}).get("top1_margin", 0.0))
+            for name, _, _ in runners}
     seconds = dict.fromkeys(accs, 0.0)
     # Chunk-major: fp32's log-distributions are computed once per batch of chunks.
     for b in range(0, len(chunks), batch):
@@ -159,6 +171,8 @@ def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens:
             name=name, size_mb=size, perplexity=float(np.exp(acc.nll / acc.count)),
             ppl_change=float(np.exp(acc.nll / acc.count - ref_nll) - 1),
             top1_heldout=acc.agree / acc.count, top1_greedy=agree,
+            top1_decisive=acc.decisive_agree / acc.decisive if acc.decisive else 1.0,
+            decisive_share=acc.decisive / acc.count,
             mean_kl=acc.kl_sum / acc.count, max_kl=acc.kl_max, first_divergence=divergence,
             seconds=round(seconds[name] + time.perf_counter() - t0, 1))
         log(f"{name}: ppl {q.perplexity:.3f} ({q.ppl_change:+.4%}), top-1 {q.top1_heldout:.4f} "
@@ -171,6 +185,7 @@ def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens:
         "yardstick": {k: yardstick[k] for k in ("parameters", "steps", "train_seconds",
                                                 "tokens_seen", "checkpoint_bytes")}
         | {"heldout_perplexity": yardstick["heldout"]["perplexity"],
+           "eval_tokens": yardstick["heldout"]["eval_tokens"],
            "random_init_perplexity": yardstick["heldout"]["random_init_perplexity"],
            "config": {k: yardstick["config"][k] for k in ("n_layer", "n_head", "n_embd",
                                                           "n_positions")}},
@@ -212,27 +227,32 @@ def markdown(record: dict[str, Any]) -> str:
         f"{c['n_embd']}, {c['n_positions']} positions, vocab 50257 ({y['parameters'] / 1e6:.1f} M "
         f"parameters), trained {y['steps']} steps / {y['train_seconds'] / 60:.1f} min on the "
         f"standard library's sources by bench/train_yardstick.py; held-out perplexity "
-        f"{y['heldout_perplexity']:.2f} (random init {y['random_init_perplexity']:.0f}).",
+        f"{y['heldout_perplexity']:.2f} on its first {y['eval_tokens']} held-out tokens "
+        f"(random init {y['random_init_perplexity']:.0f}).",
         "",
         f"Held-out: {m['heldout_tokens']} tokens in {m['chunk_tokens']}-token chunks "
         f"({m['scored_positions']} scored positions). Greedy: {m['greedy_prompts']} prompts x "
         f"{m['greedy_steps']} steps = {m['greedy_steps_total']} steps. Device: {m['device']}.",
         "",
-        "| variant | size MB | perplexity | vs PyTorch fp32 | top-1 held-out | top-1 greedy path "
-        "| mean KL (nats) | max KL | first greedy divergence |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| variant | size MB | perplexity | vs PyTorch fp32 | top-1 held-out | top-1 decisive "
+        "(share) | top-1 greedy path | mean KL (nats) | max KL | first greedy divergence |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for v in record["variants"]:
         size = f"{v['size_mb']:.1f}" if v["size_mb"] is not None else "-"
         div = ", ".join("never" if d < 0 else str(d) for d in v["first_divergence"]) or "-"
         lines.append(
             f"| {v['name']} | {size} | {v['perplexity']:.3f} | {v['ppl_change']:+.3%} | "
-            f"{v['top1_heldout']:.4f} | {v['top1_greedy']:.4f} | {v['mean_kl']:.2e} | "
+            f"{v['top1_heldout']:.4f} | {v['top1_decisive']:.4f} ({v['decisive_share']:.0%}) | "
+            f"{v['top1_greedy']:.4f} | {v['mean_kl']:.2e} | "
             f"{v['max_kl']:.2e} | {div} |")
     lines += [
         "",
         "top-1 held-out: argmax equal to PyTorch fp32's at each held-out position (teacher-forced "
-        "along the text). top-1 greedy path: teacher-forced along PyTorch fp32's greedy "
+        "along the text). top-1 decisive: the same, only at positions where fp32's top-2 gap is "
+        "at least the precision's `top1_margin` (export/thresholds.py; flips inside the "
+        "quantization noise are not counted), with the share of such positions. "
+        "top-1 greedy path: teacher-forced along PyTorch fp32's greedy "
         "continuation, argmax equal to fp32's choice. First greedy divergence: the first step, "
         "per prompt, where the variant's own greedy output differs from fp32's. KL is "
         "KL(fp32 || variant).",
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the yardstick checkpoint [the manifest's local source]")
     p.add_argument("--precision", default=None,
                    help="comma-separated variants [all in the manifest]")
-    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to score")
     p.add_argument("--prompts", type=int, default=4, help="greedy prompts")
     p.add_argument("--prompt-tokens", type=int, default=32, help="tokens per greedy prompt")
     p.add_argument("--device", default="cpu")

@@ -46,14 +46,14 @@ class TrainConfig:
     n_head: int = 4  # attention heads
     n_embd: int = 128  # width (the lm_head's 6 * width * 50257 FLOPs a token dominate the cost)
     n_positions: int = 256  # context; training windows use all of it
-    batch: int = 4  # windows per step (batch * n_positions tokens)
-    lr: float = 3e-3  # AdamW peak learning rate
+    batch: int = 2  # windows per step (batch * n_positions tokens)
+    lr: float = 6e-3  # AdamW peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this at the end of the budget
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    minutes: float = 6.0  # wall-clock budget for the optimizer steps (eval not included)
+    minutes: float = 10.0  # wall-clock budget for the optimizer steps (eval not included)
     max_steps: int | None = None  # stop earlier; with it, the schedule follows steps, not time
     eval_tokens: int = 16384  # held-out tokens scored for the perplexities
     bf16: bool | None = None  # autocast to bfloat16 (None: when the CPU supports it)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import shutil
 import signal
@@ -35,7 +36,10 @@ from gpt2_onnx.runtime.manifest import (
 )
 
 TMP_PREFIX = ".gpt2-onnx-tmp-"
-SUPPORTED_PRECISIONS = ("fp32", "int8", "int4", "fp16")
+# fp32: optimum's graph (concat KV cache, every position's logits: verify's reference path).
+# fp32-fused, int8, int4: the GroupQueryAttention graph (shared KV buffer, last-row logits).
+# fp16: optimum's graph in half precision (for CUDA).
+SUPPORTED_PRECISIONS = ("fp32", "fp32-fused", "int8", "int4", "fp16")
 
 
 class ExportError(Gpt2OnnxError):
@@ -158,17 +162,18 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
             resolved.model.generation_config.save_pretrained(tmp)
             manifest = build_manifest(out.name, resolved, variants, tmp)
             manifest.write(tmp)
-        del resolved
         if opts.verify:
             _stage(opts, progress, "verify")
             with progress.stage("verify against transformers"):
                 from gpt2_onnx.export.verify import record_summary, run_verify
 
-                report = run_verify(tmp, steps=opts.verify_steps)
+                # The model just converted is the reference: no second copy in memory.
+                report = run_verify(tmp, steps=opts.verify_steps, reference=resolved.model)
                 record_summary(tmp, report)
                 if not report.passed:
                     raise ExportError(f"verify failed: {', '.join(report.failed_checks())}. "
                                       "Nothing was written; rerun with --no-verify to inspect.")
+        del resolved
         _stage(opts, progress, "rename")
         with _signals_deferred():
             _move_into_place(tmp, out)
@@ -243,7 +248,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
     """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
     n_params = sum(p.numel() for p in model.parameters())
-    per_precision = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
+    per_precision = {"fp32": 4.0, "fp32-fused": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
     lm_head = model.config.vocab_size * model.config.n_embd * 4
     return int(sum(n_params * per_precision[p] for p in precisions) + lm_head)
 
@@ -277,6 +282,7 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     for name in ["model.onnx", *data]:
         os.replace(raw / name, out_dir / name)
     shutil.rmtree(raw)
+    gc.collect()  # the traced graph held gigabytes for gpt2-large; give them back before verify
     return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
                    io=VariantIO())
 
@@ -298,14 +304,22 @@ def external_data_files(graph: Path) -> list[str]:
 
 
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
-    """int8 / int4 variants (fused GroupQueryAttention graphs); fp16 (optimum's graph in fp16)."""
+    """fp32-fused / int8 / int4 (fused GroupQueryAttention graphs); fp16 (optimum's graph in
+    fp16). Each carries verify's thresholds for its precision (export/thresholds.py)."""
+    from dataclasses import replace
+
+    from gpt2_onnx.export.thresholds import thresholds_for
+
     if precision == "fp16":
         from gpt2_onnx.export.fp16 import build_fp16_variant
 
-        return build_fp16_variant(out_dir)
-    from gpt2_onnx.export.fused import build_fused_graph
+        variant = build_fp16_variant(out_dir)
+    else:
+        from gpt2_onnx.export.fused import build_fused_graph
 
-    return build_fused_graph(model, out_dir, precision)
+        fused = "fp32" if precision == "fp32-fused" else precision
+        variant = replace(build_fused_graph(model, out_dir, fused), precision=precision)
+    return replace(variant, thresholds=thresholds_for(precision))
 
 
 def model_dims(config: Any) -> ModelDims:

@@ -13,6 +13,7 @@ from gpt2_onnx.runtime.generator import (
 )
 from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings
+from gpt2_onnx.runtime.scoring import TextScore, perplexity
 
 __all__ = [
     "Candidate",
@@ -23,8 +24,10 @@ __all__ = [
     "ModelDirError",
     "SamplingSettings",
     "StepRecord",
+    "TextScore",
     "TextGenerator",
     "Timings",
     "check_files",
+    "perplexity",
     "read_manifest",
 ]

@@ -230,6 +230,63 @@ def _print_steps(res: Any) -> None:
     err.print(table)
 
 
+# --------------------------------------------------------------------------- score
+
+
+@app.command()
+def score(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from `gpt2-onnx export`.")],
+    files: Annotated[list[Path], typer.Argument(help="UTF-8 text files; each is one text.")],
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    stride: Annotated[int | None, typer.Option(
+        help="Window step for texts longer than the context [half the context].")] = None,
+    bos: Annotated[bool, typer.Option(
+        help="Score every token (<|endoftext|> put first); --no-bos skips the first.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per file, then "
+                                           "the total.")] = False,
+) -> None:
+    """Perplexity of each FILE under the model: tokens, perplexity, tokens/s (stdout)."""
+    from gpt2_onnx.runtime.generator import TextGenerator
+    from gpt2_onnx.runtime.scoring import perplexity
+
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"{f}: cannot read it as UTF-8 text ({exc})")
+    gen = _run(TextGenerator.load, model_dir, device=device, precision=precision,
+               threads=threads)
+    start = time.perf_counter()
+    scores = _run(gen.score, texts, batch_size=batch_size, add_bos=bos, stride=stride)
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(s.n_tokens for s in scores)
+    rate = n_tokens / elapsed if elapsed > 0 else 0.0
+    total_ppl = perplexity(scores) if n_tokens else float("nan")
+    if json_out:
+        for f, s in zip(files, scores, strict=True):
+            sys.stdout.write(json.dumps({"file": str(f), "tokens": s.n_tokens,
+                                         "total_logprob": s.total_logprob,
+                                         "perplexity": s.perplexity}) + "\n")
+        sys.stdout.write(json.dumps({"total": True, "tokens": n_tokens, "perplexity": total_ppl,
+                                     "seconds": elapsed, "tokens_per_s": rate,
+                                     "precision": gen.precision}) + "\n")
+        return
+    table = Table(title=escape(f"{model_dir} ({gen.precision}, {gen.device})"))
+    table.add_column("file")
+    table.add_column("tokens", justify="right")
+    table.add_column("perplexity", justify="right")
+    for f, s in zip(files, scores, strict=True):
+        table.add_row(escape(str(f)), str(s.n_tokens), f"{s.perplexity:.3f}")
+    if len(files) > 1:
+        table.add_row("[bold]all[/]", str(n_tokens), f"{total_ppl:.3f}")
+    Console().print(table)
+    err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({rate:.0f} tokens/s)[/]")
+
+
 # --------------------------------------------------------------------------- tokens and info
 
 
@@ -293,6 +350,45 @@ def info(
     if check_files:
         _run(mf.check_files, model_dir, m)
         err.print(f"[green]all {len(m.files)} files match their sha256[/]")
+
+
+@app.command()
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from `gpt2-onnx export`.")],
+    precision: Annotated[str | None,
+                         typer.Option(help="Variant to measure (default: per device).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")]
+    = None,
+    contexts: Annotated[str, typer.Option(help="Prompt lengths of the decode figures, "
+                                               "comma-separated.")] = "8,256,900",
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per decode figure.")] = 32,
+    batch: Annotated[int, typer.Option(help="Rows of the batch-throughput figure.")] = 8,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt of the time-to-first-token "
+                                                    "figure.")] = 512,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")]
+    = False,
+) -> None:
+    """Measure this machine: decode tok/s, time to first token, batch throughput, load, memory."""
+    from gpt2_onnx.runtime.bench import bench_model, summary_rows
+
+    try:
+        lengths = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError:
+        fail(f"--contexts {contexts!r}: give comma-separated integers, e.g. 8,256,900")
+    err.print("[dim]measuring: synthetic prompts, greedy; several prefills and decodes[/]")
+    result = _run(bench_model, model_dir, precision=precision, device=device, threads=threads,
+                  contexts=lengths, new_tokens=new_tokens, batch=batch,
+                  prompt_tokens=prompt_tokens)
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=escape(f"gpt2-onnx bench {model_dir}"), show_header=False)
+    table.add_column("figure", style="bold")
+    table.add_column("value")
+    for name, value in summary_rows(result):
+        table.add_row(escape(name), escape(value))
+    Console().print(table)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -18,10 +18,13 @@ from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, top_candidates
+from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.session import create_session, resolve_device
 
 # Precision tried first on each device when the caller names none.
-DEFAULT_PRECISIONS = {"cpu": ("fp32", "int8", "int4", "fp16"), "cuda": ("fp16", "fp32", "int8")}
+# CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
+DEFAULT_PRECISIONS = {"cpu": ("fp32-fused", "fp32", "int8", "int4", "fp16"),
+                      "cuda": ("fp16", "fp32", "fp32-fused", "int8")}
 FINISH_REASONS = ("length", "eos", "stop")
 
 
@@ -254,6 +257,27 @@ class TextGenerator:
         for results in loop:  # noqa: B007 - the last yield holds the finished results
             pass
         return results
+
+    def score(
+        self,
+        texts: str | Sequence[str],
+        *,
+        batch_size: int = 8,
+        add_bos: bool = True,
+        stride: int | None = None,
+    ) -> TextScore | list[TextScore]:
+        """Log-probabilities of each text under the model: one TextScore per text (or one for
+        a string) with per-token log-probs (natural log), total, token count and perplexity.
+
+        <|endoftext|> is put before each text so every token is scored (= transformers' loss on
+        [bos] + ids); add_bos=False scores from the second token on. Texts longer than
+        n_positions are scored in windows starting every `stride` tokens (default half the
+        context). Aggregate with `gpt2_onnx.runtime.scoring.perplexity(scores)`.
+        """
+        single = isinstance(texts, str)
+        scores = score_texts(self, [texts] if single else list(texts), batch_size=batch_size,
+                             add_bos=add_bos, stride=stride)
+        return scores[0] if single else scores
 
     # ------------------------------------------------------------------ the loop
     def _validate(self, prompt_ids: list[list[int]], max_new_tokens: int,

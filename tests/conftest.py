@@ -22,6 +22,18 @@ def export_dir(out: Path, source: str | None = None, random_init: str | None = N
                                     precisions=precisions, verify=verify, force=True))
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """transformers is only the reference in most tests: one thread keeps its small forwards
+    fast on a shared 2-core machine (with 2 threads under load they run ~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """random-init tiny, seed 0, fp32 only, exported without verify."""

@@ -99,3 +99,15 @@ def test_bench_runs_with_torch_blocked(tiny_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["rate"] > 0 and doc["heavy"] == []
+
+
+def test_cli_bench_json(tiny_dir):
+    from typer.testing import CliRunner
+
+    from gpt2_onnx.runtime.cli import app
+    r = CliRunner().invoke(app, ["bench", str(tiny_dir), "--contexts", "4", "--new-tokens", "3",
+                                 "--batch", "2", "--prompt-tokens", "8", "--threads", "1",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert doc["decode"][0]["tokens_per_s"] > 0 and doc["batch"]["batch"] == 2

@@ -30,15 +30,8 @@ PROMPT_IDS = [40313, 481, 307, 257, 1295, 286, 262, 995, 13, 383, 3139, 318]  # 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-    """transformers is only the reference here: one thread keeps it fast on a shared 2-core
-    machine (with 2 threads under load its small forwards run ~10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _torch_one_thread(torch_one_thread):
+    """transformers is only the reference here (see conftest.torch_one_thread)."""
 
 
 def manifest_doc(model_dir: Path) -> dict:

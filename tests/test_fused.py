@@ -134,10 +134,10 @@ def test_several_new_tokens_after_prefill(models, decoders):
 
 
 # Teacher-forced top-1 agreement with transformers over 8 x 40 positions, measured on these two
-# random models (tiny / odd): int8 0.99 / 0.99, int4 0.87 / 0.88 with the lm_head quantized too.
-# Random weights give near-flat logits, so this is a loose floor, not a quality figure.
-MIN_TOP1 = {"int8": 0.97, "int4": 0.8}
-MAX_DIFF = {"int8": 0.05, "int4": 0.4}
+# random models (tiny / odd): int8 0.98 / 1.0, int4 0.92 / 0.91; max |logit diff| int8 0.011 /
+# 0.014, int4 0.08 / 0.13. Random weights give near-flat logits, so these are loose floors.
+MIN_TOP1 = {"int8": 0.95, "int4": 0.85}
+MAX_DIFF = {"int8": 0.05, "int4": 0.3}
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -29,15 +29,8 @@ LONG_TEXT = (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-    """transformers is only the reference here: one thread keeps it fast on a shared 2-core
-    machine (with 2 threads under load its small forwards run ~10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _torch_one_thread(torch_one_thread):
+    """transformers is only the reference here (see conftest.torch_one_thread)."""
 
 
 def long_prompt(gen: TextGenerator, n_tokens: int) -> str:
