@@ -49,7 +49,7 @@ def fast_export(monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> None:
     monkeypatch.setattr(pipeline, "export_optimum_fp32", fake_optimum)
     monkeypatch.setattr(pipeline, "build_extra_variant", fake_variant)
     fake_verify = type(sys)("gpt2_onnx.export.verify")  # verify itself is tested elsewhere
-    fake_verify.run_verify = lambda tmp, steps: FakeReport()
+    fake_verify.run_verify = lambda tmp, steps, reference=None: FakeReport()
     fake_verify.record_summary = lambda tmp, report: None
     monkeypatch.setitem(sys.modules, "gpt2_onnx.export.verify", fake_verify)
 
