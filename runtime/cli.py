@@ -162,6 +162,8 @@ def generate(
     precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     show_top: Annotated[int, typer.Option(help="Show the top N candidates at each step.")] = 0,
+    fast_load: Annotated[bool, typer.Option(
+        help="Skip weight prepacking: faster load, less memory, fp32 variants only.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")]
     = False,
 ) -> None:
@@ -169,7 +171,7 @@ def generate(
     from gpt2_onnx.runtime.generator import TextGenerator
 
     gen = _run(TextGenerator.load, model_dir, device=device, precision=precision,
-               threads=threads)
+               threads=threads, fast_load=fast_load)
     settings = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p,
                     temperature=temperature, repetition_penalty=repetition_penalty, seed=seed,
                     stop=stop or None)
