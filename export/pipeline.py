@@ -14,6 +14,7 @@ import gc
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -188,12 +189,36 @@ def _stage(opts: ExportOptions, progress: Progress, name: str) -> None:
 def _temporary_sibling(out: Path) -> Iterator[Path]:
     """A fresh directory beside `out` (same filesystem, so the final rename is atomic), removed
     on any failure or interruption (KeyboardInterrupt and SystemExit included)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    _remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         yield tmp
     finally:
         with _signals_deferred():  # a second Ctrl-C must not stop the cleanup halfway
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(out: Path) -> str:
+    """Temporary directories carry host and pid, so a later export can tell a dead one's."""
+    return f"{TMP_PREFIX}{out.name}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary directories that an export of `out` on this host left behind when it
+    was killed outright (SIGKILL, power loss): their pid no longer runs. Those of live exports,
+    of other hosts (a shared filesystem) and the "-old-" directory of an interrupted swap (it
+    holds the previous model) are left alone."""
+    host = socket.gethostname()
+    for path in out.parent.glob(f"{TMP_PREFIX}{out.name}-{host}-*"):
+        pid_part = path.name[len(f"{TMP_PREFIX}{out.name}-{host}-"):].split("-", 1)[0]
+        if not pid_part.isdigit() or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            os.kill(int(pid_part), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 @contextlib.contextmanager

@@ -325,3 +325,31 @@ def test_real_export_interrupted(tmp_path: Path, tiny_dir: Path, how: str, repla
     if before is None:
         with pytest.raises(ModelDirError):
             mf.read_manifest(out)
+
+
+def test_killed_exports_temporaries_are_removed_by_the_next_export(
+        tmp_path: Path, fast_export: None) -> None:
+    """SIGKILL cannot be caught: the next export of the same output removes what a dead export
+    on this host left, and nothing of a live one, another host's, or an interrupted swap."""
+    import socket
+
+    out = tmp_path / "out"
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer runs
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f"{TMP_PREFIX}out-{host}-{dead.pid}-abc"
+        live = tmp_path / f"{TMP_PREFIX}out-{host}-{alive.pid}-def"
+        other_host = tmp_path / f"{TMP_PREFIX}out-elsewhere.example-{dead.pid}-ghi"
+        swap = tmp_path / f"{TMP_PREFIX}out-old-jkl"
+        for d in (stale, live, other_host, swap):
+            (d / "model.onnx").parent.mkdir()
+            (d / "model.onnx").write_bytes(b"partial")
+        run_export(options(out))
+        assert not stale.exists()
+        assert live.exists() and other_host.exists() and swap.exists()
+        assert mf.read_manifest(out).variants.keys() == {"fp32", "int8"}
+    finally:
+        alive.kill()
+        alive.wait()
