@@ -143,20 +143,20 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
     """The fixed sequence, inside a temporary sibling renamed to `out` only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_sibling(out) as tmp:
-        _stage(opts, progress, "load")
+        _stage(opts, "load")
         with progress.stage("load checkpoint"):
             resolved = resolve_source(opts.source, opts.random_init, opts.seed)
         _check_disk(resolved.model, out.parent, opts.precisions)
-        _stage(opts, progress, "export")
+        _stage(opts, "export")
         with progress.stage("export ONNX (optimum, fp32 with KV cache)"):
             variants = {"fp32": export_optimum_fp32(resolved.model, tmp)}
         for precision in opts.precisions:
             if precision == "fp32":
                 continue
-            _stage(opts, progress, f"variant-{precision}")
+            _stage(opts, f"variant-{precision}")
             with progress.stage(f"build {precision} variant"):
                 variants[precision] = build_extra_variant(resolved.model, tmp, precision)
-        _stage(opts, progress, "write")
+        _stage(opts, "write")
         with progress.stage("write tokenizer, configs, manifest"):
             write_tokenizer(resolved, tmp)
             resolved.model.config.save_pretrained(tmp)
@@ -164,7 +164,7 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
             manifest = build_manifest(out.name, resolved, variants, tmp)
             manifest.write(tmp)
         if opts.verify:
-            _stage(opts, progress, "verify")
+            _stage(opts, "verify")
             with progress.stage("verify against transformers"):
                 from gpt2_onnx.export.verify import record_summary, run_verify
 
@@ -175,12 +175,13 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
                     raise ExportError(f"verify failed: {', '.join(report.failed_checks())}. "
                                       "Nothing was written; rerun with --no-verify to inspect.")
         del resolved
-        _stage(opts, progress, "rename")
+        _stage(opts, "rename")
         with _signals_deferred():
             _move_into_place(tmp, out)
 
 
-def _stage(opts: ExportOptions, progress: Progress, name: str) -> None:
+def _stage(opts: ExportOptions, name: str) -> None:
+    """The test hook: called before each stage (simulated interruptions)."""
     if opts.on_stage is not None:
         opts.on_stage(name)
 
