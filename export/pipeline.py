@@ -28,6 +28,7 @@ from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 from gpt2_onnx.runtime.manifest import (
     MANIFEST_NAME,
+    FileEntry,
     Manifest,
     ModelDims,
     Variant,
@@ -368,12 +369,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file in the directory but the manifest itself."""
+    files = [p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
+    return file_entries(model_dir, files)
+
+
 def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Variant],
                    model_dir: Path) -> Manifest:
-    files = [p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
     return Manifest(
         name=name, source=resolved.record, dims=model_dims(resolved.model.config),
-        variants=variants, files=file_entries(model_dir, files), versions=package_versions(),
+        variants=variants, files=_directory_entries(model_dir), versions=package_versions(),
     )
 
 
@@ -381,6 +387,5 @@ def refresh_file_entries(model_dir: Path, manifest: Manifest) -> Manifest:
     """The manifest with sizes and hashes recomputed (after a file in the directory changed)."""
     from dataclasses import replace
 
-    files = [p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME]
-    return replace(manifest, files=file_entries(model_dir, files))
+    return replace(manifest, files=_directory_entries(model_dir))
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
-from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, top_candidates
+from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, softmax, top_candidates
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.session import create_session, resolve_device
 
@@ -379,10 +379,13 @@ class TextGenerator:
     def _pick(self, logits: np.ndarray, row: _Row, settings: SamplingSettings, show_top: int,
               step: int) -> int:
         """Choose the next token of one row from its logits [vocab]."""
-        token = sample_token(logits, settings, row.rng, np.asarray(row.seen, dtype=np.int64))
+        # The seen ids matter only to the repetition penalty: no array per step otherwise.
+        seen = (np.asarray(row.seen, dtype=np.int64)
+                if settings.repetition_penalty != 1.0 else None)
+        token = sample_token(logits, settings, row.rng, seen)
         if show_top:
             ids, probs = top_candidates(logits, show_top)
-            chosen_prob = float(_softmax_at(logits, token))
+            chosen_prob = float(softmax(logits)[token])
             row.steps.append(StepRecord(
                 step=step,
                 candidates=[Candidate(int(i), self._piece(int(i)), float(p))
@@ -496,9 +499,3 @@ def _stable_length(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return end - hold
-
-
-def _softmax_at(logits: np.ndarray, token: int) -> float:
-    x = logits.astype(np.float64)
-    m = x.max()
-    return float(np.exp(x[token] - m) / np.exp(x - m).sum())

@@ -68,8 +68,6 @@ class SharedKVDecoder:
         self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
         graph_inputs = {i.name for i in session.get_inputs()}
         self._feeds_position_ids = io.position_ids in graph_inputs
-        self.copies_to_host = 0  # counters a test reads: host<->device transfers (as ConcatDecoder)
-        self.copies_to_device = 0
 
     def start(self, batch: int, max_len: int) -> SharedKVCache:
         """Allocate zeroed buffers for `batch` rows of up to `max_len` positions."""
@@ -167,8 +165,6 @@ class SharedKVDecoder:
             binding.bind_ortvalue_output(present, buf)  # same memory: written in place
         binding.bind_output(io.logits, "cpu")
         self.session.run_with_iobinding(binding)
-        self.copies_to_host += 1  # the logits; the buffers never leave the device
-        self.copies_to_device += 4 + int(self._feeds_position_ids)
         logits = binding.get_outputs()[-1].numpy()  # bound last: [batch, rows, vocab]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
