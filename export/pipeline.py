@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,9 @@ from typing import Any, Protocol
 from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source, write_tokenizer
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 from gpt2_onnx.runtime.manifest import (
+    FORMAT_NAME,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
     ModelDims,
@@ -111,8 +114,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
 
 
 def _check_replaceable(out: Path, force: bool) -> None:
-    """Refuse an existing output without `force`, and with it anything but a model directory
-    (or an empty one): `--force --out ~/work` must never delete a user's files."""
+    """Refuse an existing output without `force`; with it, refuse anything but an empty directory
+    or a model directory holding only what its export wrote (the files its manifest lists):
+    `--force` must never delete a file the user put there."""
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
@@ -121,12 +125,52 @@ def _check_replaceable(out: Path, force: bool) -> None:
     if out.is_symlink():
         raise ExportError(f"{out} is a symbolic link; refusing to replace it. Pass its target "
                           f"({os.path.realpath(out)}) as --out to replace the model there.")
-    if out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir())):
+    if not out.is_dir():
+        raise ExportError(f"{out} exists and is not a gpt2-onnx model directory (a file); "
+                          "refusing to replace it even with --force. Choose another --out, or "
+                          "remove it yourself.")
+    listed = _listed_files(out / MANIFEST_NAME)
+    unknown = _foreign_entries(out, listed)
+    if not unknown:
         return
+    names = ", ".join(repr(n) for n in unknown[:10]) + (
+        f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    what = ("is not a gpt2-onnx model directory (no valid manifest)" if listed is None else
+            "holds entries no export wrote (not in its manifest's files)")
     raise ExportError(
-        f"{out} exists and is not a gpt2-onnx model directory (no {MANIFEST_NAME}); refusing "
-        "to replace it even with --force. Choose another --out, or remove it yourself."
-    )
+        f"{out} {what}: {names}. --force replaces only what an export wrote; nothing was "
+        "touched. Move those elsewhere, choose another --out, or remove the directory yourself.")
+
+
+def _foreign_entries(out: Path, listed: set[str] | None) -> list[str]:
+    """Entries of `out` that no export wrote: everything but the manifest and the plain files
+    `listed` by its `files` table (every entry when there is no readable manifest: None)."""
+    entries = sorted(p.name for p in out.iterdir())
+    if listed is None:
+        return entries
+    return [name for name in entries
+            if name != MANIFEST_NAME and not (name in listed and _plain_file(out / name))]
+
+
+def _listed_files(manifest_path: Path) -> set[str] | None:
+    """The names a gpt2-onnx manifest's `files` table lists; None if there is none. Lenient about
+    the rest of the manifest, so a damaged model directory can still be replaced."""
+    try:
+        if not _plain_file(manifest_path) or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        return None
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        return None
+    return {name for name in files if isinstance(name, str)}
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def _os_error(exc: OSError, out: Path) -> ExportError:
@@ -259,6 +303,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
     old = None
     if out.exists() or out.is_symlink():
+        # Checked again at the swap: the export took minutes, the user may have added a file.
+        _check_replaceable(out, force=True)
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-old-", dir=out.parent))
         os.rename(out, old / "previous")
     try:

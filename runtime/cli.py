@@ -107,7 +107,9 @@ def export(
     seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
     precision: Annotated[str, typer.Option(
         help="Comma-separated variants: fp32 plus any of int8, int4, fp16.")] = "fp32",
-    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Replace an existing model directory (refused if it holds files no export wrote).")
+    ] = False,
     verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
 ) -> None:
     """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""

@@ -114,9 +114,8 @@ def test_signal_at_each_stage(tmp_path: Path, fast_export: None, existing: Path,
 def test_fast_export_completes_without_interruption(tmp_path: Path, fast_export: None,
                                                     existing: Path) -> None:
     """Control for the stage tests: the same run, uninterrupted, replaces the directory."""
-    (existing / "marker").write_text("old")
+    assert "model-int8.onnx" not in mf.read_manifest(existing).files
     run_export(options(existing, force=True))
-    assert not (existing / "marker").exists()
     assert mf.read_manifest(existing).variants.keys() == {"fp32", "int8"}
     assert litter(existing.parent) == []
     umask = os.umask(0)
@@ -235,6 +234,71 @@ def test_force_refuses_to_delete_a_non_model_directory(tmp_path: Path, fast_expo
         run_export(options(precious, force=True, verify=False, precisions=("fp32",)))
     assert (precious / "thesis.tex").read_text() == "years of work"
     assert litter(tmp_path) == []
+
+
+def test_force_keeps_a_directory_whose_only_model_trace_is_a_manifest_name(
+        tmp_path: Path) -> None:
+    """Issue 19.1, as reported: a file merely named gpt2-onnx.json does not make a directory
+    replaceable; the real CLI refuses, names the user's file, and deletes nothing."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "gpt2-onnx.json").write_text("x\n")
+    (d / "thesis.txt").write_text("keep\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI, "export", "--random-init", "tiny", "--out", str(d),
+         "--force", "--no-verify"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "thesis.txt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (d / "thesis.txt").read_text() == "keep\n"
+    assert (d / "gpt2-onnx.json").read_text() == "x\n"
+    assert litter(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "runs/"], ids=["a-file", "a-sub-folder"])
+def test_force_refuses_a_model_directory_holding_the_users_files(
+        tmp_path: Path, fast_export: None, existing: Path, extra: str) -> None:
+    """A real model directory with a note or a folder the user keeps inside: refused, the entry
+    named, nothing touched; after the user moves it away, --force replaces the model."""
+    if extra.endswith("/"):
+        (existing / extra / "log.txt").parent.mkdir()
+        (existing / extra / "log.txt").write_text("keep")
+    else:
+        (existing / extra).write_text("keep")
+    before = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
+    with pytest.raises(ExportError, match=extra.rstrip("/")) as err:
+        run_export(options(existing, force=True, verify=False, precisions=("fp32",)))
+    assert "nothing was touched" in str(err.value)
+    after = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
+    assert after == before and litter(tmp_path) == []
+    shutil.move(existing / extra.rstrip("/"), tmp_path / "moved")
+    run_export(options(existing, force=True, verify=False, precisions=("fp32",)))
+    mf.read_manifest(existing)
+
+
+def test_force_rechecks_before_the_swap(tmp_path: Path, fast_export: None,
+                                        existing: Path) -> None:
+    """A file the user adds while the (minutes-long) export runs is not deleted by the swap."""
+    def add_note(stage: str) -> None:
+        if stage == "rename":
+            (existing / "added-meanwhile.txt").write_text("keep")
+
+    with pytest.raises(ExportError, match="added-meanwhile.txt"):
+        run_export(options(existing, force=True, verify=False, precisions=("fp32",),
+                           on_stage=add_note))
+    assert (existing / "added-meanwhile.txt").read_text() == "keep"
+    mf.read_manifest(existing)  # the old model is still there, whole
+    assert litter(tmp_path) == []
+
+
+def test_force_replaces_a_damaged_model_directory(tmp_path: Path, fast_export: None,
+                                                  existing: Path) -> None:
+    """Only the files table must be readable: a truncated graph is what --force is for."""
+    graph = existing / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:100])
+    with pytest.raises(ModelDirError):
+        mf.read_manifest(existing)
+    run_export(options(existing, force=True, verify=False, precisions=("fp32",)))
+    mf.read_manifest(existing)
 
 
 def test_force_refuses_a_file_and_a_symlink(tmp_path: Path, fast_export: None,
