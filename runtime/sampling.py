@@ -1,11 +1,13 @@
 """Next-token choice: pure numpy functions over a logits row and an explicit `np.random.Generator`.
 
 Nothing here knows about the model. The generation loop hands `sample_token` the last position's
-logits [vocab], the settings and its own generator; `verify` and the tests call the pieces one by
-one. No function mutates its input.
+logits [vocab], the settings and its own generator; `candidate_probs` composes the steps below
+(apply_repetition_penalty, top_k_ids, apply_temperature, softmax, nucleus_mask): the same
+functions the tests check one by one. No function mutates its input.
 
-Order (as in transformers' `generate`): repetition penalty -> greedy argmax, or temperature ->
-top-k -> top-p -> softmax -> one draw.
+Order (as in transformers' `generate`): repetition penalty -> greedy argmax, or top-k ->
+temperature -> softmax -> top-p -> one draw (top-k before temperature: dividing by T > 0 keeps
+the order, so the same k tokens win).
 
 The draw uses exactly one `rng.random()` per sampled token and picks among the kept candidates
 *in token-id order* (cumulative sum + searchsorted). So a seed fixes the tokens, and two logits rows
@@ -16,11 +18,17 @@ whole intervals.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from gpt2_onnx.runtime.validation import (
+    check_bool,
+    check_float,
+    check_int,
+    check_optional_int,
+    gather,
+)
 
 # Top-p without top-k looks for the nucleus among the `_NUCLEUS_START` most probable tokens first
 # and widens by `_NUCLEUS_GROWTH` until it is found: a partial partition instead of a full sort of
@@ -40,31 +48,20 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1 is off
 
     def validate(self, vocab_size: int) -> None:
-        """Raise one ValueError listing every setting outside its allowed range."""
-        problems = []
-        if not isinstance(self.greedy, (bool, np.bool_)):
-            problems.append(f"greedy must be True or False, got {self.greedy!r}")
-        if self.top_k is not None and (
-            isinstance(self.top_k, (bool, np.bool_))
-            or not isinstance(self.top_k, numbers.Integral)
-            or not 1 <= self.top_k <= vocab_size
-        ):
-            problems.append(
-                f"top_k must be None or an integer in [1, {vocab_size}] (the vocabulary size), "
-                f"got {self.top_k!r}"
-            )
-        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_real(self.temperature) or not self.temperature >= 0.0:
-            problems.append(
-                "temperature must be a finite number >= 0 (0 means greedy), "
-                f"got {self.temperature!r}"
-            )
-        if not _is_real(self.repetition_penalty) or not self.repetition_penalty > 0.0:
-            problems.append(
-                "repetition_penalty must be a finite number > 0 (1 is off), "
-                f"got {self.repetition_penalty!r}"
-            )
+        """Raise one ValueError listing every setting outside its allowed range.
+
+        Any finite value in range is safe: the row is scaled in an order that cannot overflow
+        (see `apply_temperature`, `apply_repetition_penalty`), subnormal and huge values included.
+        """
+        problems = gather(
+            lambda: check_bool("greedy", self.greedy),
+            lambda: check_optional_int("top_k", self.top_k, 1, vocab_size,
+                                       hint=" (the vocabulary size) or None"),
+            lambda: check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True),
+            lambda: check_float("temperature", self.temperature, 0.0, hint=" (0 means greedy)"),
+            lambda: check_float("repetition_penalty", self.repetition_penalty, 0.0,
+                                lo_open=True, hint=" (1 is off)"),
+        )
         if problems:
             raise ValueError("invalid sampling settings: " + "; ".join(problems))
 
@@ -72,15 +69,6 @@ class SamplingSettings:
     def is_greedy(self) -> bool:
         """True when the next token is the argmax (greedy flag or temperature 0)."""
         return bool(self.greedy) or self.temperature == 0
-
-
-def _is_real(value: object) -> bool:
-    """A finite real number (not a bool, nan or inf)."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(value)
-    )
 
 
 def _check_row(logits: np.ndarray) -> None:
@@ -97,7 +85,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     """Penalize tokens already in the sequence (CTRL's rule, as transformers applies it).
 
     For every id in `seen` (duplicates count once): a negative logit is multiplied by `penalty`,
-    any other is divided by it. Returns a new array of the same dtype.
+    any other is divided by it. Returns a new array of the same dtype. Computed in float64 and
+    saturated at the dtype's largest finite value, so an extreme penalty (1e-300, 1e300) leaves
+    finite logits finite (the same bits as float32 arithmetic whenever that does not overflow).
     """
     out = logits.copy()  # [vocab]
     seen = np.asarray(seen)  # int [n], prompt + generated ids
@@ -110,22 +100,32 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         raise ValueError(
             f"seen holds token ids outside [0, {logits.shape[-1] - 1}]: {ids[0]}..{ids[-1]}"
         )
-    picked = out[..., ids]  # [m]
-    out[..., ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    picked = out[..., ids].astype(np.float64)  # [m]
+    p = float(penalty)
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = np.where(picked < 0, picked * p, picked / p)  # [m], float64
+    big = float(np.finfo(out.dtype).max)
+    finite = np.isfinite(picked)  # -inf (masked) stays -inf
+    out[..., ids] = np.where(finite, np.clip(scaled, -big, big), picked)
     return out
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Divide logits by a temperature > 0 (< 1 sharpens, > 1 flattens). Returns a new array."""
-    if not _is_real(temperature) or not temperature > 0:
-        raise ValueError(
-            "temperature must be a finite number > 0 here (use greedy_pick for 0), "
-            f"got {temperature!r}"
-        )
-    return logits / np.asarray(temperature, dtype=logits.dtype)
+    """Logits divided by a temperature > 0 (< 1 sharpens, > 1 flattens), shifted so the largest
+    is 0: float64 (x - max) / T. Same softmax as x / T, but it cannot overflow for any finite
+    T > 0 (1e-308 and subnormals included): every value is <= 0, the far ones become -inf
+    (probability 0, their limit). Returns a new float64 array."""
+    t = check_float("temperature", temperature, 0.0, lo_open=True,
+                    hint=" here (use greedy_pick for 0)")
+    x = np.asarray(logits, dtype=np.float64)  # [..., m]
+    top = x.max(axis=-1, keepdims=True)  # [..., 1]
+    if not np.isfinite(top).all():
+        raise ValueError("temperature needs at least one finite logit per row and no nan or +inf")
+    with np.errstate(over="ignore", under="ignore"):
+        return (x - top) / t
 
 
-def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+def _top_k_unordered(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the k largest logits, unordered. Exactly k: among ties at the k-th value, any of them
     (transformers' TopKLogitsWarper keeps every tie instead)."""
     if k >= logits.shape[-1]:
@@ -133,22 +133,22 @@ def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(logits, -k)[-k:]  # [k]
 
 
-def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
-    """Keep the k largest logits, set the rest to -inf. Returns a new array [vocab]."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
-    out = np.full_like(logits, -np.inf)  # [vocab]
-    ids = _top_k_ids(logits, k)
-    out[ids] = logits[ids]
-    return out
+def top_k_ids(logits: np.ndarray, k: int | None) -> np.ndarray:
+    """Ids of the k largest logits in ascending id order (all ids when k is None): int64 [k]."""
+    if k is None:
+        return np.arange(logits.shape[-1], dtype=np.int64)
+    k = check_int("top_k", k, 1)
+    return np.sort(_top_k_unordered(logits, k)).astype(np.int64)
 
 
-def _nucleus_mask(probs: np.ndarray, p: float) -> np.ndarray:
+def nucleus_mask(probs: np.ndarray, p: float) -> np.ndarray:
     """Bool mask [n] of the smallest set of most probable entries whose mass reaches p (>= 1 kept).
 
     `probs` may be in any order and need not sum to 1 exactly; ties at the edge go to the lower
-    index. Sorts only the tokens that can be in the nucleus when that is few (see _NUCLEUS_START).
+    index. p = 1 keeps every entry of nonzero probability. Sorts only the tokens that can be in
+    the nucleus when that is few (see _NUCLEUS_START).
     """
+    p = check_float("top_p", p, 0.0, 1.0, lo_open=True)
     n = probs.shape[0]
     keep = np.zeros(n, dtype=bool)
     if p >= 1.0:
@@ -175,19 +175,6 @@ def _nucleus_mask(probs: np.ndarray, p: float) -> np.ndarray:
     return keep
 
 
-def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
-    """Nucleus filter: keep the fewest most probable tokens whose mass >= p, -inf elsewhere.
-
-    At least one token is always kept; p = 1 keeps every token. Returns a new array [vocab].
-    """
-    if not _is_real(p) or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-    if p >= 1.0:
-        return logits.copy()
-    keep = _nucleus_mask(softmax(logits), p)  # bool [vocab]
-    return np.where(keep, logits, np.asarray(-np.inf, dtype=logits.dtype))
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities over the last axis, computed in float64; -inf logits get probability 0."""
     x = np.asarray(logits, dtype=np.float64)  # [..., vocab]
@@ -196,6 +183,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
         raise ValueError("softmax needs at least one finite logit per row and no nan or +inf")
     e = np.exp(x - top)  # exp(-inf) = 0
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray, dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """Row-wise log softmax over the last axis ([..., vocab] -> same shape), the one
+    implementation scoring, verify and the benchmarks share.
+
+    dtype: float64 (default) for exact figures; float32 halves the memory of a huge prefill
+    (~50 M logits) at an absolute error of ~1e-6. The sum of exponentials is always accumulated
+    in float64. Returns a new array of `dtype`.
+    """
+    x = np.array(logits, dtype=dtype)  # [..., vocab], a copy
+    x -= x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64))  # [..., 1]
+    x -= lse.astype(dtype)
+    return x
 
 
 def greedy_pick(logits: np.ndarray) -> int:
@@ -219,14 +221,11 @@ def candidate_probs(
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     if settings.is_greedy:
         return np.array([greedy_pick(logits)], dtype=np.int64), np.ones(1)
-    ids = np.arange(logits.shape[0])  # [vocab]
-    if settings.top_k is not None:
-        ids = np.sort(_top_k_ids(logits, int(settings.top_k)))  # [k], ascending
-    scaled = logits[ids].astype(np.float64) / settings.temperature  # [m]
-    probs = softmax(scaled)  # [m]
-    keep = _nucleus_mask(probs, settings.top_p) & (probs > 0)  # bool [m]
+    ids = top_k_ids(logits, settings.top_k)  # [m], ascending
+    probs = softmax(apply_temperature(logits[ids], settings.temperature))  # [m]
+    keep = nucleus_mask(probs, settings.top_p) & (probs > 0)  # bool [m]
     ids, probs = ids[keep], probs[keep]
-    return ids.astype(np.int64), probs / probs.sum()
+    return ids, probs / probs.sum()
 
 
 def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -259,10 +258,9 @@ def top_candidates(logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     Raw logits, no filtering: for explaining a step. n above the vocabulary size returns all.
     Returns (ids int64 [n], probs float64 [n]).
     """
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    n = check_int("n", n, 1)
     _check_row(logits)
     probs = softmax(logits)  # [vocab]
-    ids = _top_k_ids(probs, int(n))  # [n], unordered
+    ids = _top_k_unordered(probs, n)  # [n], unordered
     ids = ids[np.lexsort((ids, -probs[ids]))]  # descending prob, ties by id
     return ids.astype(np.int64), probs[ids]

@@ -17,11 +17,12 @@ from gpt2_onnx.runtime.sampling import (
     apply_temperature,
     candidate_probs,
     greedy_pick,
+    log_softmax,
+    nucleus_mask,
     sample_token,
     softmax,
     top_candidates,
-    top_k_filter,
-    top_p_filter,
+    top_k_ids,
 )
 
 VOCAB = 50257
@@ -88,9 +89,34 @@ def test_repetition_penalty_rejects_ids_outside_vocab():
 
 def test_temperature_hand_values():
     logits = np.array([2.0, -1.0, 0.0], dtype=np.float32)
-    np.testing.assert_allclose(apply_temperature(logits, 0.5), [4.0, -2.0, 0.0])
+    # [4, -2, 0] shifted so the largest is 0 (same softmax, no overflow)
+    np.testing.assert_allclose(apply_temperature(logits, 0.5), [0.0, -6.0, -4.0])
+    assert apply_temperature(logits, 0.5).dtype == np.float64
     with pytest.raises(ValueError, match="temperature"):
         apply_temperature(logits, 0.0)
+
+
+def test_extreme_temperature_and_penalty_stay_finite():
+    """Issue 19.2: T = 1e-308 used to overflow x / T to inf; the shifted form cannot."""
+    logits = np.array([2.0, -1.0, 3.0, 0.5], dtype=np.float32)
+    # T -> 0: (x - 3) / 1e-308 is -1e308 for x = 2, -inf for the others: all probability 0.
+    np.testing.assert_array_equal(apply_temperature(logits, 1e-308),
+                                  [-1e308, -np.inf, 0, -np.inf])
+    np.testing.assert_array_equal(softmax(apply_temperature(logits, 1e-308)), [0, 0, 1, 0])
+    np.testing.assert_array_equal(apply_temperature(logits, 5e-324), [-np.inf, -np.inf, 0, -np.inf])
+    np.testing.assert_array_equal(softmax(apply_temperature(logits, 1e308)), [0.25] * 4)
+    # penalty 1e-300 divides the seen positive logits 2 and 0.5 past float32: they saturate at
+    # float32's max (a tie, so greedy takes the lower id, 0, as 2e300 > 0.5e300 would too).
+    big = np.finfo(np.float32).max
+    out = apply_repetition_penalty(logits, np.array([0, 1, 3]), 1e-300)
+    np.testing.assert_array_equal(out, np.array([big, -1e-300, 3.0, big], dtype=np.float32))
+    assert greedy_pick(out) == 0
+    # penalty 1e300 multiplies the negative -1 to float32's -max, not -inf.
+    out = apply_repetition_penalty(logits, np.array([1, 2]), 1e300)
+    np.testing.assert_array_equal(out, np.array([2.0, -big, 3e-300, 0.5], dtype=np.float32))
+    # Masked tokens (-inf) stay masked.
+    masked = np.array([-np.inf, 1.0], dtype=np.float32)
+    assert apply_repetition_penalty(masked, np.array([0, 1]), 1e-300)[0] == -np.inf
 
 
 def test_softmax_hand_values_and_minus_inf():
@@ -112,13 +138,31 @@ def test_top_candidates_hand_values():
     np.testing.assert_array_equal(ids_all, [1, 3, 0, 2])
 
 
-def test_top_k_and_top_p_filters_hand_values():
+def test_top_k_and_top_p_hand_values():
     logits = np.array([0.0, 3.0, 1.0, 2.0], dtype=np.float32)
-    np.testing.assert_array_equal(top_k_filter(logits, 2), [-np.inf, 3.0, -np.inf, 2.0])
-    # probs [0.032, 0.644, 0.087, 0.237]: 0.644 < 0.8 <= 0.644 + 0.237
-    np.testing.assert_array_equal(top_p_filter(logits, 0.8), [-np.inf, 3.0, -np.inf, 2.0])
-    np.testing.assert_array_equal(top_p_filter(logits, 0.5), [-np.inf, 3.0, -np.inf, -np.inf])
-    np.testing.assert_array_equal(top_p_filter(logits, 1.0), logits)
+    np.testing.assert_array_equal(top_k_ids(logits, 2), [1, 3])
+    np.testing.assert_array_equal(top_k_ids(logits, None), [0, 1, 2, 3])
+    probs = softmax(logits)  # [0.032, 0.644, 0.087, 0.237]: 0.644 < 0.8 <= 0.644 + 0.237
+    np.testing.assert_array_equal(nucleus_mask(probs, 0.8), [False, True, False, True])
+    np.testing.assert_array_equal(nucleus_mask(probs, 0.5), [False, True, False, False])
+    np.testing.assert_array_equal(nucleus_mask(probs, 1.0), [True] * 4)
+    # What generation draws from: the same sets, renormalized.
+    ids, p = candidate_probs(logits, SamplingSettings(top_k=None, top_p=0.8))
+    np.testing.assert_array_equal(ids, [1, 3])
+    np.testing.assert_allclose(p, probs[[1, 3]] / probs[[1, 3]].sum())
+    ids, _ = candidate_probs(logits, SamplingSettings(top_k=2))
+    np.testing.assert_array_equal(ids, [1, 3])
+
+
+def test_log_softmax_hand_values_both_dtypes():
+    row = np.array([[0.0, np.log(3.0)], [1.0, 1.0]], dtype=np.float32)
+    expected = [[np.log(0.25), np.log(0.75)], [np.log(0.5), np.log(0.5)]]
+    np.testing.assert_allclose(log_softmax(row), expected, rtol=1e-7)
+    assert log_softmax(row).dtype == np.float64
+    out32 = log_softmax(row, dtype=np.float32)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, expected, rtol=1e-6)
+    np.testing.assert_array_equal(row, [[0.0, np.float32(np.log(3.0))], [1.0, 1.0]])
 
 
 def test_greedy_ignores_rng_and_takes_argmax():
@@ -202,7 +246,7 @@ def test_top_p_keeps_exactly_the_smallest_set_with_mass_p(logits, p):
     cum = np.cumsum(sorted(probs, reverse=True))
     assume(np.min(np.abs(cum - p)) > 1e-9)
     size = nucleus_size(probs, p)
-    kept = np.isfinite(top_p_filter(logits, p))  # bool [n]
+    kept = nucleus_mask(softmax(logits), p)  # bool [n]
     assert kept.sum() == size
     dropped = [q for q, k in zip(probs, kept, strict=True) if not k]
     assert min(q for q, k in zip(probs, kept, strict=True) if k) >= max(dropped, default=0.0)
