@@ -217,12 +217,42 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
                 report = run_verify(tmp, steps=opts.verify_steps, reference=resolved.model)
                 record_summary(tmp, report)
                 if not report.passed:
-                    raise ExportError(f"verify failed: {', '.join(report.failed_checks())}. "
-                                      "Nothing was written; rerun with --no-verify to inspect.")
+                    raise ExportError(verify_failure_message(report, opts.precisions))
         del resolved
         _stage(opts, "rename")
         with _signals_deferred():
             _move_into_place(tmp, out)
+
+
+# Variants that compute the same fp32 arithmetic as PyTorch: a failed check there is a defect of
+# the export, not a quality trade-off.
+EXACT_PRECISIONS = ("fp32", "fp32-fused")
+
+
+def verify_failure_message(report: Any, precisions: Sequence[str]) -> str:
+    """One line for an export refused by verify. A quantized variant below its quality bar is
+    named with its figures and what to do (export without it, or keep it with --no-verify and
+    measure it); a failing exact variant is a defect to report."""
+    failed = [c for c in report.checks if not c.passed]
+    exact = [c for c in failed if c.variant in EXACT_PRECISIONS]
+    lossy = sorted({c.variant for c in failed if c.variant not in EXACT_PRECISIONS})
+    parts = []
+    if lossy:
+        figures = "; ".join(f"{c.variant} {c.check}: {c.figure} (limit {c.threshold})"
+                            for c in failed if c.variant in lossy)
+        keep = [p for p in precisions if p not in lossy and p not in {c.variant for c in exact}]
+        parts.append(
+            f"{', '.join(lossy)}: this variant's quality on this model is below the bar verify "
+            f"holds it to ({figures}); the limits were measured on a trained model and small or "
+            "random-weight models can miss them. Export without it (--precision "
+            f"{','.join(keep or ['fp32'])}), or keep it with --no-verify and measure it on your "
+            "own text with `gpt2-onnx score --precision ...`")
+    if exact:
+        parts.append(
+            f"{', '.join(f'{c.variant}/{c.check}: {c.figure}' for c in exact)}: an exact "
+            "variant differs from PyTorch, which is a defect of the export; please report it "
+            "(rerun with --no-verify to inspect the directory)")
+    return f"verify failed. {' | '.join(parts)}. Nothing was written."
 
 
 def _stage(opts: ExportOptions, name: str) -> None:

@@ -32,6 +32,8 @@ import numpy as np
 
 from gpt2_onnx.export.thresholds import THRESHOLDS
 from gpt2_onnx.runtime.manifest import Manifest, ModelDims, Variant, read_manifest
+from gpt2_onnx.runtime.sampling import log_softmax
+from gpt2_onnx.runtime.validation import check_int, check_output_file
 
 LOGITS_PREFILL = "logits-prefill"
 LOGITS_DECODE = "logits-decode"
@@ -262,18 +264,11 @@ def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
     float32 (a long prompt's prefill is ~50 M logits): absolute error ~1e-6, far below the
     thresholds it gates (>= 1e-3).
     """
-    p_log = _log_softmax(ref)  # [..., vocab]
-    diff = p_log - _log_softmax(got)  # [..., vocab]
+    p_log = log_softmax(ref, dtype=np.float32)  # [..., vocab]
+    diff = p_log - log_softmax(got, dtype=np.float32)  # [..., vocab]
     np.exp(p_log, out=p_log)  # now p
     kl = np.einsum("...v,...v->...", p_log, diff, dtype=np.float64)  # [...]
     return float(np.maximum(kl, 0.0).mean())
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)  # new float32 array
-    e = np.exp(x)
-    x -= np.log(e.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(x.dtype)
-    return x
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -576,12 +571,15 @@ def run_verify(
 
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
     root = Path(model_dir)
     manifest = read_manifest(root)
     chosen = _chosen_precisions(manifest, precisions)
     dims = manifest.dims
+    # steps + 1 new tokens after at least a 1-token prompt must fit in n_positions.
+    steps = check_int("steps", steps, 1, dims.n_positions - 2,
+                      hint=f" (n_positions {dims.n_positions} minus a 1-token prompt and the "
+                           "first new token)")
     tokenizer = load_tokenizer(root / manifest.tokenizer, dims.vocab_size)
 
     def encode(text: str) -> list[int]:
@@ -711,7 +709,10 @@ def verify_command(
     console: Any = None,
 ) -> VerifyReport:
     """`gpt2-onnx verify`: run_verify with a status line, print the table to `console`
-    (a rich Console; none prints nothing) and write the JSON report when `report_path` is given."""
+    (a rich Console; none prints nothing) and write the JSON report when `report_path` is given.
+    The report path is checked before any work (not a directory, its folder writable)."""
+    if report_path is not None:
+        check_output_file("report", report_path)
     if console is None:
         report = run_verify(model_dir, reference=reference, prompts=prompts, steps=steps,
                             precisions=precisions, device=device)

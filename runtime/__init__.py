@@ -1,19 +1,32 @@
 """gpt2_onnx.runtime: torch-free GPT-2 generation on onnxruntime.
 
-Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI).
+Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI). The public names
+below are imported on first use (PEP 562), so `gpt2-onnx` starts by importing this package
+alone: Ctrl-C in its first tenth of a second ends cleanly instead of inside numpy's import.
 """
 
-from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
-from gpt2_onnx.runtime.generator import (
-    Candidate,
-    GenerationResult,
-    StepRecord,
-    TextGenerator,
-    Timings,
-)
-from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
-from gpt2_onnx.runtime.sampling import SamplingSettings
-from gpt2_onnx.runtime.scoring import TextScore, perplexity
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it
+_EXPORTS = {
+    "DeviceError": "errors",
+    "Gpt2OnnxError": "errors",
+    "ModelDirError": "errors",
+    "Candidate": "generator",
+    "GenerationResult": "generator",
+    "StepRecord": "generator",
+    "TextGenerator": "generator",
+    "Timings": "generator",
+    "Manifest": "manifest",
+    "check_files": "manifest",
+    "read_manifest": "manifest",
+    "SamplingSettings": "sampling",
+    "TextScore": "scoring",
+    "perplexity": "scoring",
+}
 
 __all__ = [
     "Candidate",
@@ -31,3 +44,28 @@ __all__ = [
     "perplexity",
     "read_manifest",
 ]
+
+if TYPE_CHECKING:
+    from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
+    from gpt2_onnx.runtime.generator import (
+        Candidate,
+        GenerationResult,
+        StepRecord,
+        TextGenerator,
+        Timings,
+    )
+    from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
+    from gpt2_onnx.runtime.sampling import SamplingSettings
+    from gpt2_onnx.runtime.scoring import TextScore, perplexity
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

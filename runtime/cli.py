@@ -6,19 +6,42 @@ the export extra and import it only when called.
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from gpt2_onnx.runtime.errors import Gpt2OnnxError
+def _exit_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM while the CLI's modules import: nothing to clean up, so end at once
+    with the shell's code (130 / 143) instead of a traceback from inside some import."""
+    os.write(2, b"interrupted\n")
+    os._exit(128 + signum)
+
+
+def _on_startup_signals() -> dict[int, Any]:
+    try:
+        return {s: signal.signal(s, _exit_while_starting) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # imported outside the main thread: signals are not ours to handle
+        return {}
+
+
+_STARTUP_HANDLERS = _on_startup_signals()
+
+import json  # noqa: E402  (after the handlers: these imports take most of the startup)
+import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from gpt2_onnx.runtime.errors import Gpt2OnnxError  # noqa: E402
+
+for _signum, _handler in _STARTUP_HANDLERS.items():  # imports done: back to Python's handlers
+    signal.signal(_signum, _handler)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.")
@@ -29,7 +52,7 @@ EXPORT_FIX = (
 )
 # Top-level packages the export extra brings (the export half imports them inside functions).
 EXPORT_PACKAGES = ("torch", "transformers", "optimum", "onnx")
-_state = {"debug": False}
+_state = {"debug": False, "terminated": False}
 
 
 @app.callback()
@@ -188,9 +211,11 @@ def generate(
                 sys.stdout.write(res.prompt + res.text + "\n")
             _print_timings(res.timings, len(res.ids))
         return
+    # Every prompt and setting is checked before the first one prints anything.
+    _run(gen.validate, list(prompts), **settings)
     for prompt in prompts:
         streamed: list[str] = []
-        pieces = _run(gen.stream, prompt, **settings)  # bad settings fail before any output
+        pieces = _run(gen.stream, prompt, **settings)
         try:
             sys.stdout.write(prompt)
             sys.stdout.flush()
@@ -199,11 +224,11 @@ def generate(
                 streamed.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what was streamed
             sys.stdout.write("\n")
             sys.stdout.flush()
             err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(_interrupt_code(exc)) from None
         sys.stdout.write("\n")
         elapsed = time.perf_counter() - start
         err.print(f"[dim]{len(''.join(streamed))} chars in {elapsed:.2f} s[/]")
@@ -271,13 +296,16 @@ def score(
     rate = n_tokens / elapsed if elapsed > 0 else 0.0
     total_ppl = perplexity(scores) if n_tokens else float("nan")
     if json_out:
+        # Strict JSON: no NaN. An empty text has no perplexity: null and the reason.
         for f, s in zip(files, scores, strict=True):
             sys.stdout.write(json.dumps({"file": str(f), "tokens": s.n_tokens,
                                          "total_logprob": s.total_logprob,
-                                         "perplexity": s.perplexity}) + "\n")
-        sys.stdout.write(json.dumps({"total": True, "tokens": n_tokens, "perplexity": total_ppl,
+                                         **_perplexity_json(s.perplexity, s.n_tokens)},
+                                        allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps({"total": True, "tokens": n_tokens,
+                                     **_perplexity_json(total_ppl, n_tokens),
                                      "seconds": elapsed, "tokens_per_s": rate,
-                                     "precision": gen.precision}) + "\n")
+                                     "precision": gen.precision}, allow_nan=False) + "\n")
         return
     table = Table(title=escape(f"{model_dir} ({gen.precision}, {gen.device})"))
     table.add_column("file")
@@ -289,6 +317,12 @@ def score(
         table.add_row("[bold]all[/]", str(n_tokens), f"{total_ppl:.3f}")
     Console().print(table)
     err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({rate:.0f} tokens/s)[/]")
+
+
+def _perplexity_json(value: float, n_tokens: int) -> dict[str, Any]:
+    if n_tokens:
+        return {"perplexity": value}
+    return {"perplexity": None, "note": "no tokens scored (empty text): perplexity undefined"}
 
 
 # --------------------------------------------------------------------------- tokens and info
@@ -305,8 +339,10 @@ def _tokenizer_only(model_dir: Path) -> Any:
 @app.command()
 def tokenize(model_dir: Path, text: str) -> None:
     """Print the token ids of TEXT as a JSON list."""
+    from gpt2_onnx.runtime.generator import encode_text
+
     tok, _ = _tokenizer_only(model_dir)
-    sys.stdout.write(json.dumps(tok.encode(text, add_special_tokens=False).ids) + "\n")
+    sys.stdout.write(json.dumps(_run(encode_text, tok, text, "text")) + "\n")
 
 
 @app.command()
@@ -398,26 +434,95 @@ def bench(
 # --------------------------------------------------------------------------- entry point
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (partial output flushed, temporary
+    files removed); the process then exits 143 instead of 130."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    _state["terminated"] = True
+    raise Terminated
+
+
+def _interrupt_code(exc: BaseException) -> int:
+    return 143 if isinstance(exc, Terminated) or _state["terminated"] else 130
+
+
 class _signals_as_interrupt:
-    """SIGTERM raises KeyboardInterrupt while active, so cleanup runs as on Ctrl-C."""
+    """SIGTERM raises Terminated (a KeyboardInterrupt) while active, so cleanup runs as on
+    Ctrl-C. main() installs the same handler for the whole run."""
 
     def __enter__(self) -> None:
-        import signal
-
-        def handler(signum: int, frame: object) -> None:
-            raise KeyboardInterrupt
-
-        self._old = signal.signal(signal.SIGTERM, handler)
+        self._old = signal.signal(signal.SIGTERM, _raise_terminated)
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
         signal.signal(signal.SIGTERM, self._old)
 
 
+class StdoutError(Gpt2OnnxError):
+    """stdout cannot be written (closed, a full disk, a reader that went away)."""
+
+
+class _GuardedStdout:
+    """sys.stdout for the CLI's run: a failed write or flush becomes one StdoutError, and fd 1
+    is pointed at /dev/null so Python's own flush at exit does not fail a second time."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _broken(self, reason: str) -> StdoutError:
+        with_devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(with_devnull, 1)
+        finally:
+            os.close(with_devnull)
+        self._stream = None
+        return StdoutError(f"cannot write to stdout ({reason}); the output is lost. Redirect "
+                           "it to a writable file or a pipe.")
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            raise self._broken("it is closed")
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise self._broken(exc.strerror or str(exc)) from None
+
+    def flush(self) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._broken(exc.strerror or str(exc)) from None
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
 def main() -> None:
+    """The `gpt2-onnx` entry point: Ctrl-C exits 130, SIGTERM 143 (partial output flushed),
+    an unwritable stdout one line and exit 1 — never a traceback."""
+    sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app()
-    except KeyboardInterrupt:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()
+    except StdoutError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
         err.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        sys.exit(_interrupt_code(exc))
+    except SystemExit as exc:
+        # typer turns an interrupt inside a command into exit 130; SIGTERM's is 143.
+        if exc.code == 130 and _state["terminated"]:
+            sys.exit(143)
+        raise

@@ -16,10 +16,17 @@ from tokenizers import Tokenizer
 
 from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder
 from gpt2_onnx.runtime.errors import ModelDirError
-from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
+from gpt2_onnx.runtime.manifest import Manifest, Variant, check_graph_io, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, softmax, top_candidates
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.session import create_session, resolve_device
+from gpt2_onnx.runtime.validation import (
+    check_bool,
+    check_int,
+    check_optional_int,
+    check_threads,
+    check_token_ids,
+)
 
 # Precision tried first on each device when the caller names none.
 # CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
@@ -101,8 +108,8 @@ class TextGenerator:
         fast_load: skip weight prepacking (fp32 variants only): random gpt2-large fp32-fused
           loads in 0.5 s instead of 4.5 s and peaks at its weights' size, decoding ~6 % slower.
         """
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = check_threads(threads)
+        fast_load = check_bool("fast_load", fast_load)
         root = Path(model_dir)
         manifest = read_manifest(root)
         resolved = resolve_device(device)
@@ -114,6 +121,9 @@ class TextGenerator:
         tokenizer = load_tokenizer(root / manifest.tokenizer, manifest.dims.vocab_size)
         session = create_session(root / variant.graph, resolved, threads,
                                  prepack=not fast_load)
+        check_graph_io(root / variant.graph, manifest.dims, variant,
+                       [(i.name, i.shape, i.type) for i in session.get_inputs()],
+                       [(o.name, o.shape, o.type) for o in session.get_outputs()])
         decoder = make_decoder(session, manifest, variant, resolved)
         return cls(manifest, tokenizer, decoder, resolved, root)
 
@@ -124,31 +134,14 @@ class TextGenerator:
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special handling: "<|endoftext|>" maps to its id)."""
-        if not isinstance(text, str):
-            raise ValueError(f"prompt: expected a string, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"prompt: character {exc.start} is a lone surrogate "
-                f"(U+{ord(text[exc.start]):04X}), not valid Unicode text; fix the input's "
-                "decoding"
-            ) from exc
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return encode_text(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         self._check_ids(ids, "ids")
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def _check_ids(self, ids: Sequence[int], what: str) -> None:
-        vocab = self.manifest.dims.vocab_size
-        if not isinstance(ids, (list, tuple, np.ndarray)):
-            raise ValueError(f"{what}: expected a list of token ids, got {type(ids).__name__}")
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))
-               or not 0 <= int(i) < vocab]
-        if bad:
-            raise ValueError(f"{what}: token ids must be integers in [0, {vocab - 1}]; "
-                             f"got {bad[:5]}")
+        check_token_ids(what, ids, self.manifest.dims.vocab_size)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -171,17 +164,37 @@ class TextGenerator:
         (greedy exactly; sampling too, each row drawing from its own generator seeded `seed`).
         """
         single = isinstance(prompt_or_prompts, str)
-        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
-            raise ValueError("prompt: give a string or a non-empty list of strings, got "
-                             f"{type(prompt_or_prompts).__name__}")
-        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: give a string or a non-empty list of strings")
+        prompts = _prompt_list(prompt_or_prompts)
         results = self.generate_ids(
             [self.encode(p) for p in prompts], prompts=prompts, max_new_tokens=max_new_tokens,
             greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, show_top=show_top)
         return results[0] if single else results
+
+    def validate(
+        self,
+        prompt_or_prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        greedy: bool = False,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        show_top: int = 0,
+    ) -> None:
+        """Raise the ValueError `generate` would raise for these prompts and settings, without
+        running the model: a caller streaming several prompts checks them all before printing
+        anything. Prompts are named by their index in the list ("prompt 1" is the second)."""
+        prompts = _prompt_list(prompt_or_prompts)
+        _stop_list(stop)
+        settings = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
+                                    temperature=temperature,
+                                    repetition_penalty=repetition_penalty)
+        ids = [encode_text(self.tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+        self._validate(ids, max_new_tokens, settings, show_top, seed)
 
     def stream(
         self,
@@ -284,7 +297,7 @@ class TextGenerator:
         context). Aggregate with `gpt2_onnx.runtime.scoring.perplexity(scores)`.
         """
         single = isinstance(texts, str)
-        scores = score_texts(self, [texts] if single else list(texts), batch_size=batch_size,
+        scores = score_texts(self, [texts] if single else texts, batch_size=batch_size,
                              add_bos=add_bos, stride=stride)
         return scores[0] if single else scores
 
@@ -293,14 +306,9 @@ class TextGenerator:
                   settings: SamplingSettings, show_top: int, seed: int | None) -> None:
         dims = self.manifest.dims
         settings.validate(dims.vocab_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(show_top, int) or not 0 <= show_top <= dims.vocab_size:
-            raise ValueError(f"show_top must be in [0, {dims.vocab_size}], got {show_top!r}")
+        check_optional_int("seed", seed, 0, hint=" or None")
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_int("show_top", show_top, 0, dims.vocab_size, hint=" (0 is off)")
         for i, ids in enumerate(prompt_ids):
             self._check_ids(ids, f"prompt {i}")
             if len(ids) > dims.n_positions:
@@ -350,6 +358,7 @@ class TextGenerator:
             mask[r, width - len(ids):] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # [batch, width]
 
+        max_new_tokens = int(max_new_tokens)  # numpy integers are accepted (validated above)
         t0 = time.perf_counter()
         prefill_ms = 0.0
         cache = self.decoder.start(batch, width + max_new_tokens)
@@ -363,7 +372,7 @@ class TextGenerator:
             for r, row in enumerate(rows):
                 if row.finish_reason is not None:
                     continue
-                token = self._pick(logits[r], row, settings, show_top, step)
+                token = self._pick(logits[r], row, settings, int(show_top), step)
                 next_ids[r, 0] = token
                 self._append(row, token, eos, stops, on_text)
             if all(row.finish_reason is not None for row in rows) or step == max_new_tokens - 1:
@@ -458,21 +467,80 @@ def make_decoder(session: object, manifest: Manifest, variant: Variant, device: 
 
 
 def load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    """Load tokenizer.json; ModelDirError naming the file when it is missing or not a tokenizer."""
+    """Load tokenizer.json; ModelDirError naming the file when it is missing, unreadable, not a
+    tokenizer, or not the model's (see `vocab_fits`)."""
     if not path.is_file():
         raise ModelDirError(f"{path}: missing. Copy the model directory again or re-export.")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ModelDirError(f"{path}: cannot be read ({exc.strerror or exc}). Check its "
+                            "permissions or copy the model directory again.") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelDirError(f"{path}: not a valid tokenizers file (not UTF-8 text). Copy it "
+                            "again or re-export the model.") from exc
+    try:
+        tokenizer = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise ModelDirError(
             f"{path}: not a valid tokenizers file ({str(exc)[:200]}). Copy it again or "
             "re-export the model."
         ) from exc
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > vocab_size:
-        raise ModelDirError(f"{path}: {size} tokens but the model has {vocab_size} logits; "
-                            "the tokenizer belongs to another model. Re-export.")
+    if not vocab_fits(size, vocab_size):
+        raise ModelDirError(
+            f"{path}: {size} tokens but the model has {vocab_size} logits (allowed: "
+            f"{size} up to {_padded(size)}, the tokenizer's size padded to a multiple of "
+            f"{VOCAB_PADDING}); the tokenizer belongs to another model. Re-export.")
     return tokenizer
+
+
+# The model's vocabulary may exceed the tokenizer's only by padding up to a multiple of this
+# (nanoGPT-style checkpoints pad GPT-2's 50257 to 50304); any other difference means ids the
+# tokenizer cannot decode would be generated, or tokens the model has no logit for.
+VOCAB_PADDING = 128
+
+
+def _padded(size: int) -> int:
+    return -(-size // VOCAB_PADDING) * VOCAB_PADDING
+
+
+def vocab_fits(tokenizer_size: int, vocab_size: int) -> bool:
+    """True when a tokenizer of `tokenizer_size` tokens belongs to a model of `vocab_size`
+    logits: equal, or the model padded up to the next multiple of VOCAB_PADDING."""
+    return tokenizer_size <= vocab_size <= _padded(tokenizer_size)
+
+
+def encode_text(tokenizer: Tokenizer, text: str, what: str = "prompt") -> list[int]:
+    """Token ids of `text`; ValueError naming `what` for a non-string or a string that is not
+    valid Unicode (lone surrogates: what Python makes of invalid UTF-8 bytes in argv)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: expected a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        origin = f"a lone surrogate (U+{code:04X})" + (
+            f": the byte 0x{code - 0xDC00:02X} of invalid UTF-8 input"
+            if 0xDC80 <= code <= 0xDCFF else "")
+        raise ValueError(
+            f"{what}: character {exc.start} is {origin}, not valid Unicode text; fix the "
+            "input's encoding (the prompt must be UTF-8)"
+        ) from exc
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _prompt_list(prompt_or_prompts: object) -> list[str]:
+    """One prompt or a non-empty list/tuple of them, as a list; ValueError otherwise."""
+    if isinstance(prompt_or_prompts, str):
+        return [prompt_or_prompts]
+    if not isinstance(prompt_or_prompts, (list, tuple)):
+        raise ValueError("prompt: give a string or a non-empty list of strings, got "
+                         f"{type(prompt_or_prompts).__name__}")
+    prompts = list(prompt_or_prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt: give a string or a non-empty list of strings")
+    return prompts
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:

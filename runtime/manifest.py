@@ -12,7 +12,7 @@ import math
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +150,12 @@ def read_manifest(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tru
     are checked only by `check_files` (they cost a full read of the weights).
     """
     root = Path(model_dir)
+    if not root.exists():
+        raise ModelDirError(f"{root}: no such directory. Export one with `gpt2-onnx export` or "
+                            "check the path.")
     if not root.is_dir():
-        raise ModelDirError(f"{root}: not a directory. Export one with `gpt2-onnx export`.")
+        raise ModelDirError(f"{root}: not a directory (a file). Give the model directory "
+                            "`gpt2-onnx export` wrote.")
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise ModelDirError(
@@ -571,3 +575,71 @@ def check_graph_data(root: Path, variant: Variant) -> None:
             "edited or replaced. Copy the model directory again or re-export "
             "(`gpt2-onnx export --force`)."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph's own inputs and outputs against the manifest (after onnxruntime loaded it)
+
+_ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def check_graph_io(graph: Path, dims: ModelDims, variant: Variant,
+                   inputs: Iterable[tuple[str, Sequence[Any], str]],
+                   outputs: Iterable[tuple[str, Sequence[Any], str]]) -> None:
+    """Refuse a graph whose inputs/outputs disagree with the manifest, before any forward pass.
+
+    inputs/outputs: (name, shape, type) of the session's graph (onnxruntime's NodeArg fields;
+    a shape entry is an int when static, a name or None when not). Checks the input names the
+    loop feeds (n_layer past pairs, ids, mask, the variant's extra inputs), the outputs it reads,
+    the static n_head and head_dim of every KV tensor, the logits width (vocab_size) and the KV
+    dtype. One ModelDirError lists every disagreement.
+    """
+    io = variant.io
+    ins = {name: (list(shape or []), typ) for name, shape, typ in inputs}
+    outs = {name: (list(shape or []), typ) for name, shape, typ in outputs}
+    past, present = io.kv_inputs(dims.n_layer), io.kv_outputs(dims.n_layer)
+    fed = [io.input_ids, *past, *io.extra_inputs]
+    if io.kv_layout == "concat":
+        fed.append(io.attention_mask)
+    optional = {io.position_ids}  # fed when the graph has it
+    problems = []
+    missing = [n for n in fed if n not in ins]
+    if missing:
+        problems.append(f"inputs the manifest names are missing from the graph: {_names(missing)}")
+    unexpected = [n for n in ins if n not in fed and n not in optional]
+    if unexpected:
+        problems.append(f"the graph needs inputs the manifest does not name: {_names(unexpected)} "
+                        f"(n_layer {dims.n_layer} in the manifest?)")
+    lost = [n for n in (io.logits, *present) if n not in outs]
+    if lost:
+        problems.append(f"outputs the manifest names are missing from the graph: {_names(lost)}")
+    want_type = _ONNX_TYPES.get(variant.dtype)
+    for name in [n for n in past if n in ins] + [n for n in present if n in outs]:
+        shape, typ = ins[name] if name in ins else outs[name]
+        heads, width = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
+        if len(shape) != 4:
+            problems.append(f"{name} has {len(shape)} dimensions, expected 4 "
+                            "[batch, n_head, positions, head_dim]")
+        elif ((isinstance(heads, int) and heads != dims.n_head)
+              or (isinstance(width, int) and width != dims.head_dim)):
+            problems.append(f"{name} is [batch, {heads}, ..., {width}] but the manifest says "
+                            f"n_head {dims.n_head}, head_dim {dims.head_dim}")
+        if want_type and typ != want_type:
+            problems.append(f"{name} is {typ}, the manifest says dtype {variant.dtype}")
+        if problems and len(problems) > 6:
+            break
+    if io.logits in outs:
+        shape, _ = outs[io.logits]
+        vocab = shape[-1] if shape else None
+        if isinstance(vocab, int) and vocab != dims.vocab_size:
+            problems.append(f"{io.logits} has {vocab} columns but the manifest says vocab_size "
+                            f"{dims.vocab_size}")
+    if problems:
+        raise ModelDirError(
+            f"{graph}: graph and manifest disagree ({'; '.join(problems[:6])}). The manifest was "
+            "edited or belongs to another export; copy the model directory again or re-export "
+            "(`gpt2-onnx export --force`).")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

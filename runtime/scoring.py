@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from gpt2_onnx.runtime.decoder import Decoder
+from gpt2_onnx.runtime.sampling import log_softmax
+from gpt2_onnx.runtime.validation import check_int, check_token_ids
 
 MODES = ("auto", "all", "step")
 
@@ -68,6 +70,14 @@ class _Window:
     offset: int  # where ids[first] goes in that sequence's array of scored tokens
 
 
+def _kind(value: object) -> str:
+    """What a wrong argument is, for a message: the type, and the bad element of a list."""
+    if isinstance(value, (list, tuple)):
+        bad = next((t for t in value if not isinstance(t, str)), None)
+        return f"a list holding {type(bad).__name__}"
+    return type(value).__name__
+
+
 def perplexity(scores: Sequence[TextScore]) -> float:
     """Perplexity over all tokens of all scores (token-weighted, not a mean of perplexities)."""
     n = sum(s.n_tokens for s in scores)
@@ -87,8 +97,8 @@ def score_texts(generator: Any, texts: Sequence[str], *, batch_size: int = 8,
     stride: tokens a window advances by for texts longer than n_positions, in [1, n_positions-1].
     mode: "auto" (by the variant's io.logits_rows), "all" or "step".
     """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts: give a list of strings")
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"texts: give a string or a list of strings, got {_kind(texts)}")
     ids = [generator.encode(t) for t in texts]
     scores = score_ids(generator.decoder, ids, batch_size=batch_size, add_bos=add_bos,
                        stride=stride, mode=mode)
@@ -103,9 +113,12 @@ def score_ids(decoder: Decoder, sequences: Sequence[Sequence[int]], *, batch_siz
     window = dims.n_positions
     stride = window // 2 if stride is None else stride
     _check_settings(batch_size, stride, window, mode)
-    seqs = [list(s) for s in sequences]
-    for i, s in enumerate(seqs):
-        _check_ids(s, dims.vocab_size, f"sequence {i}")
+    batch_size, stride = int(batch_size), int(stride)
+    if not isinstance(sequences, (list, tuple)):
+        raise ValueError("sequences: give a list of token-id lists (one per text), got "
+                         f"{type(sequences).__name__}")
+    seqs = [check_token_ids(f"sequence {i}", s, dims.vocab_size)
+            for i, s in enumerate(sequences)]
     full = [([dims.bos_token_id] + s) if add_bos else s for s in seqs]
     windows = [w for i, s in enumerate(full) for w in plan_windows(s, i, window, stride)]
     out = [np.zeros(max(len(s) - 1, 0), dtype=np.float64) for s in full]
@@ -139,21 +152,16 @@ def plan_windows(seq: Sequence[int], index: int, window: int, stride: int) -> li
     return out
 
 
-def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(logits)[i, targets[i]] for each row, float64 [k] (logits float32 [k, vocab])."""
-    if len(targets) == 0:
-        return np.zeros(0, dtype=np.float64)
-    peak = logits.max(axis=1, keepdims=True)  # [k, 1]
-    sums = np.exp(logits - peak).sum(axis=1, dtype=np.float64)  # [k]
-    picked = np.take_along_axis(logits, targets[:, None], axis=1)[:, 0]  # [k]
-    return (picked.astype(np.float64) - peak[:, 0]) - np.log(sums)
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """log softmax(logits)[i, targets[i]] for each row, float64 [k] (logits float32 [k, vocab]).
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log softmax in float64 ([..., vocab] -> same shape)."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    Rows go through the shared `log_softmax` in float64 `chunk` at a time (a window of 1024
+    positions would otherwise need a 400 MB float64 copy)."""
+    out = np.zeros(len(targets), dtype=np.float64)  # [k]
+    for a in range(0, len(targets), chunk):
+        rows = log_softmax(logits[a:a + chunk])  # [c, vocab], float64
+        out[a:a + chunk] = np.take_along_axis(rows, targets[a:a + chunk, None], axis=1)[:, 0]
+    return out
 
 
 def batch_logits(decoder: Decoder, sequences: Sequence[Sequence[int]], *, mode: str = "auto"
@@ -217,16 +225,7 @@ def _logits_stepwise(decoder: Decoder, sequences: Sequence[Sequence[int]]) -> li
 
 
 def _check_settings(batch_size: int, stride: int, window: int, mode: str) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < window:
-        raise ValueError(f"stride must be an integer in [1, {window - 1}] (n_positions - 1), "
-                         f"got {stride!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("stride", stride, 1, window - 1, hint=" (n_positions - 1)")
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-
-
-def _check_ids(ids: Sequence[int], vocab: int, what: str) -> None:
-    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < vocab]
-    if bad:
-        raise ValueError(f"{what}: token ids must be integers in [0, {vocab - 1}]; got {bad[:5]}")
