@@ -8,7 +8,8 @@ alone: Ctrl-C in its first tenth of a second ends cleanly instead of inside nump
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (startup time)
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from gpt2_onnx.runtime.scoring import TextScore, perplexity
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

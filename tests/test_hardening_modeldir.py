@@ -247,7 +247,7 @@ def test_manifest_not_utf8_or_unreadable(model: Path) -> None:
 def test_missing_manifest_and_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(ModelDirError, match="not a gpt2-onnx model directory"):
         mf.read_manifest(tmp_path)
-    with pytest.raises(ModelDirError, match="not a directory"):
+    with pytest.raises(ModelDirError, match="no such directory"):
         mf.read_manifest(tmp_path / "nope")
 
 
