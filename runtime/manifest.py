@@ -178,7 +178,7 @@ def read_manifest(model_dir: str | os.PathLike[str], *, check_graphs: bool = Tru
     _check_paths(root, manifest, path)
     if check_graphs:
         for variant in manifest.variants.values():
-            check_graph_data(root, variant)
+            check_graph_data(root, variant, manifest.dims)
     return manifest
 
 
@@ -490,19 +490,24 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 
 def _scan_message(buf: memoryview, start: int, end: int, kind: str, depth: int,
-                  found: list[str]) -> None:
-    """Walk one message; append the value of every external_data "location" entry to `found`."""
+                  found: list[str], tensors: dict[str, list[int]] | None = None) -> None:
+    """Walk one message; append the value of every external_data "location" entry to `found`
+    and, when `tensors` is given, record each tensor's name -> dims (TensorProto fields 8, 1)."""
     if depth > _MAX_NESTING:
         raise _WireError("messages nested too deeply")
     pos = start
     key_value: dict[int, bytes] = {}
+    dims: list[int] = []
+    name = b""
     while pos < end:
         tag, pos = _varint(buf, pos, end)
         field_no, wire = tag >> 3, tag & 7
         if field_no == 0:
             raise _WireError("field number 0")
         if wire == 0:
-            _, pos = _varint(buf, pos, end)
+            value, pos = _varint(buf, pos, end)
+            if kind == "tensor" and field_no == 1:
+                dims.append(value)
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -514,13 +519,22 @@ def _scan_message(buf: memoryview, start: int, end: int, kind: str, depth: int,
             child = _TENSOR_PATHS.get((kind, field_no))
             if kind == "entry" and field_no in (1, 2):
                 key_value[field_no] = bytes(buf[pos:pos + length])
+            elif kind == "tensor" and field_no == 8:
+                name = bytes(buf[pos:pos + length])
+            elif kind == "tensor" and field_no == 1:  # packed dims
+                p = pos
+                while p < pos + length:
+                    value, p = _varint(buf, p, pos + length)
+                    dims.append(value)
             elif child is not None:
-                _scan_message(buf, pos, pos + length, child, depth + 1, found)
+                _scan_message(buf, pos, pos + length, child, depth + 1, found, tensors)
             pos += length
         else:
             raise _WireError(f"unsupported wire type {wire}")
         if pos > end:
             raise _WireError("field runs past the end of its message")
+    if kind == "tensor" and tensors is not None and name:
+        tensors[name.decode("utf-8", "replace")] = dims
     if kind == "entry" and key_value.get(1) == b"location":
         try:
             found.append(key_value.get(2, b"").decode("utf-8"))
@@ -533,6 +547,12 @@ def graph_external_data(graph: Path) -> list[str]:
 
     Raises ModelDirError when the file is not a well-formed protobuf message.
     """
+    return scan_graph(graph)[0]
+
+
+def scan_graph(graph: Path) -> tuple[list[str], dict[str, list[int]]]:
+    """(external data locations, tensor name -> dims) of `graph`, read as `graph_external_data`
+    reads it (weights skipped)."""
     try:
         with open(graph, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -541,9 +561,10 @@ def graph_external_data(graph: Path) -> list[str]:
                                     "directory again or re-export (`gpt2-onnx export --force`).")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 found: list[str] = []
+                tensors: dict[str, list[int]] = {}
                 view = memoryview(mm)
                 try:
-                    _scan_message(view, 0, size, "model", 0, found)
+                    _scan_message(view, 0, size, "model", 0, found, tensors)
                 finally:
                     view.release()
     except _WireError as exc:
@@ -552,16 +573,32 @@ def graph_external_data(graph: Path) -> list[str]:
                             "(`gpt2-onnx export --force`).") from exc
     except OSError as exc:
         raise ModelDirError(f"{graph}: cannot be read ({exc.strerror or exc}).") from exc
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), tensors
 
 
-def check_graph_data(root: Path, variant: Variant) -> None:
-    """Refuse a graph whose external data is not exactly within its variant's listed files."""
+# Names of the position-embedding table [n_positions, n_embd] in the graphs gpt2-onnx writes
+# (optimum's export; the fused graphs). A graph without one is not checked for n_positions.
+POSITION_TABLES = ("transformer.wpe.weight", "wpe")
+
+
+def check_graph_data(root: Path, variant: Variant, dims: ModelDims | None = None) -> None:
+    """Refuse a graph whose external data is not exactly within its variant's listed files, or
+    (with `dims`) whose position table disagrees with n_positions / n_embd: a larger
+    n_positions in the manifest would fail only once a sequence grows past the real table."""
     graph = root / variant.graph
     graph_dir = os.path.dirname(variant.graph)
     listed = {os.path.normpath(d) for d in variant.data}
     problems = []
-    for location in graph_external_data(graph):
+    locations, tensors = scan_graph(graph)
+    table = next((tensors[n] for n in POSITION_TABLES if n in tensors), None)
+    if dims is not None and table is not None and len(table) == 2 and \
+            table != [dims.n_positions, dims.n_embd]:
+        raise ModelDirError(
+            f"{graph}: graph and manifest disagree (its position table is {table[0]} x "
+            f"{table[1]}, the manifest says n_positions {dims.n_positions}, n_embd "
+            f"{dims.n_embd}). The manifest was edited or belongs to another export; copy the "
+            "model directory again or re-export (`gpt2-onnx export --force`).")
+    for location in locations:
         rel = os.path.normpath(os.path.join(graph_dir, location)) if location else ""
         if (not location or os.path.isabs(location) or "\x00" in location
                 or safe_child(root, rel) is None):
