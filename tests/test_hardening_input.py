@@ -105,12 +105,7 @@ def test_settings_at_and_beyond_edges(gen: TextGenerator, top_k, top_p, temperat
         with pytest.raises(ValueError):
             gen.generate("Hello", **kwargs)
         return
-    try:
-        res = gen.generate("Hello", **kwargs)
-    except ValueError as exc:
-        # An extreme but valid penalty can push every logit to -inf; that must be a ValueError.
-        assert "finite logit" in str(exc) and repetition_penalty != 1.0
-        return
+    res = gen.generate("Hello", **kwargs)  # valid settings never overflow (issue 19.2)
     assert len(res.ids) <= kwargs["max_new_tokens"]
     assert all(0 <= i < VOCAB for i in res.ids)
 
