@@ -238,13 +238,17 @@ def verify_failure_message(report: Any, precisions: Sequence[str]) -> str:
     lossy = sorted({c.variant for c in failed if c.variant not in EXACT_PRECISIONS})
     parts = []
     if lossy:
-        figures = "; ".join(f"{c.variant} {c.check}: {c.figure} (limit {c.threshold})"
-                            for c in failed if c.variant in lossy)
+        figures = []
+        for variant in lossy:
+            mine = [c for c in failed if c.variant == variant]
+            figures.append(f"{variant} fails {', '.join(c.check for c in mine)}; "
+                           f"{mine[0].check}: {mine[0].figure} (limit {mine[0].threshold})")
         keep = [p for p in precisions if p not in lossy and p not in {c.variant for c in exact}]
+        these = "this variant's" if len(lossy) == 1 else "these variants'"
         parts.append(
-            f"{', '.join(lossy)}: this variant's quality on this model is below the bar verify "
-            f"holds it to ({figures}); the limits were measured on a trained model and small or "
-            "random-weight models can miss them. Export without it (--precision "
+            f"{', '.join(lossy)}: {these} quality on this model is below the bar verify holds "
+            f"it to ({'; '.join(figures)}); the limits were measured on a trained model and "
+            "small or random-weight models can miss them. Export without it (--precision "
             f"{','.join(keep or ['fp32'])}), or keep it with --no-verify and measure it on your "
             "own text with `gpt2-onnx score --precision ...`")
     if exact:
