@@ -26,6 +26,7 @@ from gpt2_onnx.runtime.validation import (
     check_optional_int,
     check_threads,
     check_token_ids,
+    gather,
 )
 
 # Precision tried first on each device when the caller names none.
@@ -305,10 +306,13 @@ class TextGenerator:
     def _validate(self, prompt_ids: list[list[int]], max_new_tokens: int,
                   settings: SamplingSettings, show_top: int, seed: int | None) -> None:
         dims = self.manifest.dims
-        settings.validate(dims.vocab_size)
-        check_optional_int("seed", seed, 0, hint=" or None")
-        check_int("max_new_tokens", max_new_tokens, 0)
-        check_int("show_top", show_top, 0, dims.vocab_size, hint=" (0 is off)")
+        problems = gather(  # every bad setting in one error
+            lambda: settings.validate(dims.vocab_size),
+            lambda: check_optional_int("seed", seed, 0, hint=" or None"),
+            lambda: check_int("max_new_tokens", max_new_tokens, 0),
+            lambda: check_int("show_top", show_top, 0, dims.vocab_size, hint=" (0 is off)"))
+        if problems:
+            raise ValueError("; ".join(problems))
         for i, ids in enumerate(prompt_ids):
             self._check_ids(ids, f"prompt {i}")
             if len(ids) > dims.n_positions:
