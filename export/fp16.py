@@ -27,10 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
-FP16_GRAPH = "model-fp16.onnx"
-FP16_DATA = "model-fp16.onnx.data"
+FP16_GRAPH = variants.get("fp16").graph  # "model-fp16.onnx"
+FP16_DATA = f"{FP16_GRAPH}.data"
 LAST_LOGITS = "logits_last"  # extra output: logits of the last position, [batch, vocab] float32
 # Op types that stay fp32 (besides onnxruntime's default list of ops without fp16 kernels).
 BLOCKED_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")

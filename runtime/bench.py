@@ -160,7 +160,7 @@ def bench_model(
         "name": gen.manifest.name,
         "precision": variant.precision,
         "kv_layout": variant.io.kv_layout,
-        "device": gen.device,
+        "device": str(gen.device),
         "threads": threads or physical_cores(),  # the session's intra-op threads
         "weight_bytes": variant_bytes(gen.manifest, variant),
         "load_s": load_s,

@@ -11,3 +11,15 @@ class ModelDirError(Gpt2OnnxError):
 
 class DeviceError(Gpt2OnnxError):
     """The requested device cannot be used (e.g. CUDA asked for without onnxruntime-gpu)."""
+
+
+class MissingExtraError(Gpt2OnnxError):
+    """An optional dependency is not installed; the message names the extra that adds it."""
+
+
+class InternalError(Gpt2OnnxError):
+    """An invariant of the library itself failed: a bug to report, not a user mistake."""
+
+
+class SessionLoadError(Gpt2OnnxError):
+    """onnxruntime cannot load a sound graph here: out of memory, or an operator it lacks."""

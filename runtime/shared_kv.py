@@ -2,7 +2,7 @@
 
 Each layer's key and value live in one buffer [batch, n_head, max_len, head_dim], allocated once
 by `start()` and bound as both past and present every step: the graph writes the new positions in
-place, so a decode step moves no cache. The SAME OrtValue must be bound every step (FACTS.md:
+place, so a decode step moves no cache. The SAME OrtValue must be bound every step (docs/facts.md:
 re-creating it from numpy gave garbage).
 
 GroupQueryAttention takes no attention mask, only each row's length (`seqlens_k` = length - 1).
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from gpt2_onnx.runtime.decoder import DecoderBase
+from gpt2_onnx.runtime.device import CPU, Device
 from gpt2_onnx.runtime.manifest import ModelDims, Variant
 
 # Roles of VariantIO.extra_inputs a "shared" graph declares (name -> role).
@@ -41,11 +43,11 @@ class SharedKVCache:
     max_len: int  # positions the buffers hold
 
 
-class SharedKVDecoder:
+class SharedKVDecoder(DecoderBase):
     """Runs a kv_layout "shared" graph with IOBinding; only the logits come to the host."""
 
     def __init__(self, session: ort.InferenceSession, dims: ModelDims, variant: Variant,
-                 device: str = "cpu", device_id: int = 0) -> None:
+                 device: Device = CPU) -> None:
         io = variant.io
         if io.kv_layout != "shared":
             raise ValueError(f"variant {variant.precision!r} has kv_layout {io.kv_layout!r}; "
@@ -55,19 +57,10 @@ class SharedKVDecoder:
         if missing:
             raise ValueError(f"variant {variant.precision!r}: io.extra_inputs lacks the roles "
                              f"{missing} a shared-KV graph needs; re-export the model")
-        self.session = session
-        self.dims = dims
-        self.variant = variant
-        self.device = device  # "cpu" or "cuda": where the buffers live
-        self.device_id = device_id
+        super().__init__(session, dims, variant, device)
         self._seqlens_k = by_role[ROLE_SEQLENS_K]
         self._total_length = by_role[ROLE_TOTAL_LENGTH]
         self._logits_index = by_role[ROLE_LOGITS_INDEX]
-        self._past = io.kv_inputs(dims.n_layer)
-        self._present = io.kv_outputs(dims.n_layer)
-        self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
-        graph_inputs = {i.name for i in session.get_inputs()}
-        self._feeds_position_ids = io.position_ids in graph_inputs
 
     def start(self, batch: int, max_len: int) -> SharedKVCache:
         """Allocate zeroed buffers for `batch` rows of up to `max_len` positions."""
@@ -81,8 +74,9 @@ class SharedKVDecoder:
         buffers = {}
         for name in self._past:
             # onnxruntime owns the memory (a numpy-backed OrtValue would die with the array).
-            buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype, self.device,
-                                                            self.device_id)
+            buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype,
+                                                            self.device.ort_device,
+                                                            self.device.id)
             buf.update_inplace(zeros)
             buffers[name] = buf
         return SharedKVCache(buffers, np.zeros(batch, dtype=np.int64), max_len)
