@@ -344,7 +344,7 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     from optimum.exporters.onnx import onnx_export_from_model
 
     raw = out_dir / "optimum-raw"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("optimum"):
         warnings.simplefilter("ignore")  # tracer warnings are expected and not actionable
         onnx_export_from_model(model, raw, task="text-generation-with-past",
                                do_validation=False)
@@ -358,6 +358,22 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     gc.collect()  # the traced graph held gigabytes for gpt2-large; give them back before verify
     return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
                    io=VariantIO())
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only errors of logger `name` reach the terminal while the block runs: optimum's warnings
+    (e.g. "Weight deduplication check ... requires accelerate": the optional pass that would
+    drop the tied lm_head copy, which our graph keeps on purpose) are not the user's business."""
+    import logging
+
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def external_data_files(graph: Path) -> list[str]:

@@ -1,7 +1,9 @@
 """`gpt2-onnx` command line: adapts arguments to the library and turns errors into one line.
 
-Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` need
-the export extra and import it only when called.
+Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` live
+in gpt2_onnx.export.cli and are registered only when the export extra is importable; without it
+they are listed with the one-line install hint. Without onnxruntime (`pip install gpt2-onnx`
+alone) `--help`, `info`, `tokenize` and `decode` work; generation names the extra to add.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from rich.table import Table
 
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.\n\n"
+         "Extras: pip install 'gpt2-onnx\\[cpu]' (or \\[gpu]) adds onnxruntime for generate, "
+         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify.")
 err = Console(stderr=True, highlight=False)
 EXPORT_FIX = (
     "the export extra is not installed: pip install torch==2.13.0 && "
@@ -66,82 +71,6 @@ def _missing_export_packages() -> list[str]:
         except (ImportError, ValueError):  # a broken or blocked package counts as missing
             missing.append(name)
     return missing
-
-
-def _import_export(module: str) -> Any:
-    import importlib
-
-    missing = _missing_export_packages()
-    if missing and not _state["debug"]:
-        fail(f"{EXPORT_FIX} ({', '.join(missing)} missing)")
-    try:
-        return importlib.import_module(f"gpt2_onnx.export.{module}")
-    except ImportError as exc:
-        if _state["debug"]:
-            raise
-        fail(f"{EXPORT_FIX} ({exc.name or exc} is missing)")
-
-
-def _run_export_step(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`_run` for export/verify: a package of the export extra failing to import inside the
-    pipeline (lazy imports) also becomes the install hint, not a traceback."""
-    try:
-        return _run(fn, *args, **kwargs)
-    except ImportError as exc:
-        if _state["debug"] or (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
-            raise
-        fail(f"{EXPORT_FIX} ({exc.name} cannot be imported: {exc})")
-
-
-# --------------------------------------------------------------------------- export / verify
-
-
-@app.command()
-def export(
-    source: Annotated[str, typer.Argument(help="Hub id or local checkpoint directory.")]
-    = "gpt2-large",
-    out: Annotated[Path | None, typer.Option(help="Output directory [models/<name>].")] = None,
-    random_init: Annotated[str | None, typer.Option(
-        "--random-init", help="Seeded random weights of a preset (tiny, distilgpt2, gpt2, "
-        "gpt2-medium, gpt2-large, gpt2-xl) with the real tokenizer.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
-    precision: Annotated[str, typer.Option(
-        help="Comma-separated variants: fp32 plus any of int8, int4, fp16.")] = "fp32",
-    force: Annotated[bool, typer.Option(
-        help="Replace an existing model directory (refused if it holds files no export wrote).")
-    ] = False,
-    verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
-) -> None:
-    """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""
-    pipeline = _import_export("pipeline")
-    progress_mod = _import_export("progress")
-    opts = pipeline.ExportOptions(
-        source=source, out=out, random_init=random_init, seed=seed, force=force,
-        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify)
-    with _signals_as_interrupt():
-        _run_export_step(pipeline.run_export, opts, progress_mod.RichProgress(err))
-
-
-@app.command("verify")
-def verify_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory to check.")],
-    reference: Annotated[str | None, typer.Option(
-        help="Reference checkpoint (hub id or directory) instead of the manifest's source.")]
-    = None,
-    prompts: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
-    steps: Annotated[int, typer.Option(help="Decode steps per check.")] = 32,
-    precision: Annotated[list[str] | None, typer.Option(help="Variant(s) to check [all].")]
-    = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-) -> None:
-    """Check the runtime's loop against the PyTorch transformers reference."""
-    verify_mod = _import_export("verify")
-    result = _run_export_step(
-        verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
-        precisions=precision, device=device, report_path=report, console=err)
-    if not result.passed:
-        fail(f"verify failed: {', '.join(result.failed_checks())}")
 
 
 # --------------------------------------------------------------------------- generate
@@ -395,6 +324,35 @@ def bench(
     Console().print(table)
 
 
+# --------------------------------------------------------------------------- export / verify
+
+
+def _register_export_commands() -> None:
+    """The export package's commands when its extra is importable, else stand-ins that say
+    what to install (listed in --help all the same)."""
+    missing = _missing_export_packages()
+    if not missing:
+        try:
+            from gpt2_onnx.export.cli import register
+        except ImportError as exc:
+            missing = [exc.name or str(exc)]
+        else:
+            register(app)
+            return
+    hint = f"{EXPORT_FIX} ({', '.join(missing)} missing)"
+    stand_in = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
+                                     "help_option_names": []},
+                "add_help_option": False}
+
+    def unavailable(ctx: typer.Context) -> None:
+        fail(hint)
+
+    app.command("export", help="Convert a GPT-2 checkpoint (needs the export extra: "
+                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
+    app.command("verify", help="Check against transformers (needs the export extra: "
+                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -413,6 +371,9 @@ class _signals_as_interrupt:
         import signal
 
         signal.signal(signal.SIGTERM, self._old)
+
+
+_register_export_commands()
 
 
 def main() -> None:
