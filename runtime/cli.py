@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpt2_onnx.runtime.errors import Gpt2OnnxError
+from gpt2_onnx.runtime.errors import Gpt2OnnxError, InternalError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -48,14 +48,42 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # gpt2_onnx/
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors about the user's input or environment (one line, their fix), False for
+    internal failures (a bug: InternalError, or a ValueError that numpy, onnxruntime or other
+    code raised rather than our own validation, or any other exception)."""
+    if isinstance(exc, InternalError):
+        return False
+    if isinstance(exc, (Gpt2OnnxError, FileNotFoundError)):
+        return True
+    if isinstance(exc, ValueError):  # ours only if our own code raised it (the innermost frame)
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+    return False
+
+
+def report(exc: Exception) -> None:
+    """One line for `exc`: the message of a user error, or an internal-error notice."""
+    if is_user_error(exc):
+        fail(str(exc))
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    fail(f"internal error: {type(exc).__name__}: {first} -- this is a bug in gpt2-onnx, please "
+         "report it; --debug shows the traceback", code=2)
+
+
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call library code; expected errors become one line and a non-zero exit."""
+    """Call library code; its errors become one line and a non-zero exit (see `report`)."""
     try:
         return fn(*args, **kwargs)
-    except (Gpt2OnnxError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # classified by cause in `report`; --debug re-raises
         if _state["debug"]:
             raise
-        fail(str(exc))
+        report(exc)
 
 
 def _missing_export_packages() -> list[str]:
@@ -382,3 +410,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:  # raised outside `_run` (e.g. while streaming): same one line
+        if _state["debug"]:
+            raise
+        try:
+            report(exc)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

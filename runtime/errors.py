@@ -21,5 +21,11 @@ class InternalError(Gpt2OnnxError):
     """An invariant of the library itself failed: a bug to report, not a user mistake."""
 
 
+class DecoderInputError(InternalError, ValueError):
+    """A decoder was called with inputs its invariants reject (shapes, masks, cache lengths).
+    The generation loop builds those inputs, so through the loop or the CLI this is a bug; code
+    driving a decoder directly may catch it as the ValueError it also is."""
+
+
 class SessionLoadError(Gpt2OnnxError):
     """onnxruntime cannot load a sound graph here: out of memory, or an operator it lacks."""
