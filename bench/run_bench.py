@@ -60,7 +60,7 @@ class Config:
     out: Path = HERE / "results"
     threads: int = 2
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
-    contexts: tuple[int, ...] = (8, 256, 900)
+    contexts: tuple[int, ...] | None = None  # None: default_contexts(n_positions)
     new_tokens: int = 32
     batch: int = 8
     batch_context: int | None = None  # None: the first context
@@ -85,8 +85,10 @@ class Config:
         return self.model_dir or self.cache_dir / "model"
 
 
-QUICK = dict(preset="tiny", contexts=(8, 64, 200), new_tokens=16, prompt_tokens=128,
-             alternate=False, gemv_mib=512, out=HERE / "results" / "quick")
+# --quick writes beside the cache, not over the committed results (bench/results/quick holds a
+# reference run; pass --out bench/results/quick to refresh it).
+QUICK = dict(preset="tiny", new_tokens=16, prompt_tokens=128, alternate=False, gemv_mib=512,
+             out=Config.cache / "quick-results")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -259,17 +261,18 @@ def measure_bandwidth(mib: int, tmp: Path, env: dict[str, str]) -> dict[str, Any
 
 def phases(cfg: Config, dims: Any) -> list[dict[str, Any]]:
     """The measurements, in round order: decode at each context, ttft, batch."""
-    from gpt2_onnx.runtime.bench import clamp_context, synthetic_prompt
+    from gpt2_onnx.runtime.bench import clamp_context, default_contexts, synthetic_prompt
 
     vocab, n_pos = dims.vocab_size, dims.n_positions
+    contexts = cfg.contexts or default_contexts(n_pos)
     out = []
-    for c in dict.fromkeys(clamp_context(c, cfg.new_tokens, n_pos) for c in cfg.contexts):
+    for c in dict.fromkeys(clamp_context(c, cfg.new_tokens, n_pos) for c in contexts):
         out.append({"kind": "decode", "prompts": [synthetic_prompt(c, vocab)],
                     "new_tokens": cfg.new_tokens, "repeats": cfg.repeats})
     p = clamp_context(cfg.prompt_tokens, 2, n_pos)
     out.append({"kind": "ttft", "prompts": [synthetic_prompt(p, vocab)], "new_tokens": 2,
                 "repeats": cfg.repeats})
-    b = clamp_context(cfg.batch_context or cfg.contexts[0], cfg.new_tokens, n_pos)
+    b = clamp_context(cfg.batch_context or contexts[0], cfg.new_tokens, n_pos)
     out.append({"kind": "batch", "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
                 "prompts": [synthetic_prompt(b, vocab, seed=r) for r in range(cfg.batch)]})
     return out
@@ -582,12 +585,14 @@ def parse_args(argv: list[str]) -> Config:
                    "[export fp32,int8,int4 into the cache]")
     p.add_argument("--cache", type=Path, default=Config.cache,
                    help="checkpoint, conversions and exports [%(default)s]")
-    p.add_argument("--out", type=Path, help="results [bench/results; bench/results/quick]")
+    p.add_argument("--out", type=Path,
+                   help="results [bench/results; ~/.cache/gpt2-onnx/bench/quick-results]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated: ours (every variant), ours:<precision>, "
                         f"{', '.join(PEERS)} [%(default)s]")
-    p.add_argument("--contexts", help="decode contexts [8,256,900; 8,64,200 with --quick]")
+    p.add_argument("--contexts", help="decode contexts [8, n_positions/4, ~0.88 n_positions: "
+                   "8,256,900 for gpt2-large; 8,64,225 with --quick]")
     p.add_argument("--new-tokens", type=int, help="new tokens per decode figure [32; 16]")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batch-context", type=int, help="prompt length of the batch rows "

@@ -321,8 +321,9 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")]
     = None,
-    contexts: Annotated[str, typer.Option(help="Prompt lengths of the decode figures, "
-                                               "comma-separated.")] = "8,256,900",
+    contexts: Annotated[str | None, typer.Option(
+        help="Prompt lengths of the decode figures, comma-separated [8, n_positions/4, "
+        "~0.88 n_positions: 8,256,900 for 1024 positions].")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per decode figure.")] = 32,
     batch: Annotated[int, typer.Option(help="Rows of the batch-throughput figure.")] = 8,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt of the time-to-first-token "
@@ -332,9 +333,13 @@ def bench(
 ) -> None:
     """Measure this machine: decode tok/s, time to first token, batch throughput, load, memory."""
     from gpt2_onnx.runtime.bench import bench_model, summary_rows
+    from gpt2_onnx.runtime.device import import_onnxruntime
+
+    _run(import_onnxruntime)
 
     try:
-        lengths = tuple(int(c) for c in contexts.split(",") if c.strip())
+        lengths = (None if contexts is None else
+                   tuple(int(c) for c in contexts.split(",") if c.strip()))
     except ValueError:
         fail(f"--contexts {contexts!r}: give comma-separated integers, e.g. 8,256,900")
     err.print("[dim]measuring: synthetic prompts, greedy; several prefills and decodes[/]")

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_onnx.runtime import variants
-from gpt2_onnx.runtime.device import Device, resolve_device
+from gpt2_onnx.runtime.device import Device, import_onnxruntime, resolve_device
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, softmax, top_candidates
@@ -111,7 +111,8 @@ class TextGenerator:
             raise ValueError(
                 f"fast_load: only for {', '.join(allowed)} variants; "
                 f"{variant.precision} needs its weights prepacked (it would decode ~30x slower)")
-        from gpt2_onnx.runtime.session import create_session  # onnxruntime: imported here
+        import_onnxruntime()  # MissingExtraError naming the extra, before any other work
+        from gpt2_onnx.runtime.session import create_session
 
         tokenizer = load_tokenizer(root / manifest.tokenizer, manifest.dims.vocab_size)
         session = create_session(root / variant.graph, resolved, threads,
