@@ -48,7 +48,17 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # gpt2_onnx/
+
+
+def _our_dirs() -> tuple[str, ...]:
+    """Directories of gpt2-onnx's own code (the runtime's, and the export's once imported)."""
+    import os
+
+    dirs = [Path(__file__).resolve().parent]
+    export = sys.modules.get("gpt2_onnx.export")
+    if export is not None and getattr(export, "__file__", None):
+        dirs.append(Path(export.__file__).resolve().parent)
+    return tuple(f"{d}{os.sep}" for d in dirs)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -63,7 +73,7 @@ def is_user_error(exc: BaseException) -> bool:
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_our_dirs())
     return False
 
 
