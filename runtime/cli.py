@@ -342,10 +342,10 @@ def bench(
     = False,
 ) -> None:
     """Measure this machine: decode tok/s, time to first token, batch throughput, load, memory."""
-    from gpt2_onnx.runtime.bench import bench_model, summary_rows
     from gpt2_onnx.runtime.device import import_onnxruntime
 
-    _run(import_onnxruntime)
+    _run(import_onnxruntime)  # the extra to add, before the bench module imports onnxruntime
+    from gpt2_onnx.runtime.bench import bench_model, summary_rows
 
     try:
         lengths = (None if contexts is None else
