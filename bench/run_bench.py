@@ -103,7 +103,7 @@ def prepare(cfg: Config) -> None:
         model = build_random_model(cfg.preset, cfg.seed)
         tmp = cfg.checkpoint.with_name("checkpoint.tmp")
         model.save_pretrained(tmp)
-        save_tokenizer_files(tmp)
+        save_tokenizer_files(tmp, model.config.n_positions)
         del model
         os.replace(tmp, cfg.checkpoint)
     for system in ("ct2-float32", "ct2-int8"):
@@ -313,21 +313,14 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("gpt2-onnx", "onnxruntime", "numpy", "torch", "transformers", "optimum",
-                 "optimum-onnx", "ctranslate2"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+BENCH_VERSIONS = ("gpt2-onnx", "onnxruntime", "numpy", "torch", "transformers", "optimum",
+                  "optimum-onnx", "ctranslate2")  # recorded with the results
 
 
 def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Prepare, measure every system, derive ceilings and goals; the document bench.json holds."""
+    from gpt2_onnx.runtime.manifest import package_versions
+
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     log(f"preparing {cfg.cache_dir} (checkpoint, conversions, exports; cached)")
     child = multiprocessing.get_context("spawn").Process(target=prepare, args=(cfg,))
@@ -343,7 +336,8 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
              "ct2_dirs": {s: str(cfg.ct2_dir(s)) for s in PEERS if s.startswith("ct2-")}}
     doc: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "versions": package_versions(),
+        "machine": machine(),
+        "versions": package_versions(BENCH_VERSIONS, missing="not installed"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "model": {"name": manifest.name, "source": manifest.source, "dims": asdict(manifest.dims),
                   "verify": manifest.verify},

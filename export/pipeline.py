@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +38,7 @@ from gpt2_onnx.runtime.manifest import (
     Variant,
     VariantIO,
     file_entries,
+    package_versions,
     safe_child,
 )
 
@@ -412,14 +412,8 @@ def model_dims(config: Any) -> ModelDims:
     )
 
 
-def package_versions() -> dict[str, str]:
-    names = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-             "onnxruntime", "tokenizers")
-    versions = {}
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
+EXPORT_VERSIONS = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
+                   "onnxruntime", "tokenizers")  # recorded in the manifest
 
 
 def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
@@ -432,7 +426,8 @@ def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Vari
                    model_dir: Path) -> Manifest:
     return Manifest(
         name=name, source=resolved.record, dims=model_dims(resolved.model.config),
-        variants=variants, files=_directory_entries(model_dir), versions=package_versions(),
+        variants=variants, files=_directory_entries(model_dir),
+        versions=package_versions(EXPORT_VERSIONS),
     )
 
 

@@ -175,7 +175,7 @@ def write_tokenizer(resolved: ResolvedSource, out_dir: Path) -> None:
     """Put tokenizer.json (+ transformers side files) of the source into `out_dir`."""
     src = resolved.tokenizer_from
     if src is None:
-        save_tokenizer_files(out_dir)
+        save_tokenizer_files(out_dir, resolved.model.config.n_positions)
         return
     if (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")
