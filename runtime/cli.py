@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.errors import Gpt2OnnxError, InternalError
 
 app = typer.Typer(
@@ -35,6 +36,9 @@ EXPORT_FIX = (
 # Top-level packages the export extra brings (the export half imports them inside functions).
 EXPORT_PACKAGES = ("torch", "transformers", "optimum", "onnx")
 _state = {"debug": False}
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (a GPU by id)."
+PRECISION_HELP = (f"Variant to run: one of the directory's ({', '.join(variants.names())}); "
+                  "default: the device's preferred one present.")
 
 
 @app.callback()
@@ -127,8 +131,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same tokens.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable).")]
     = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     show_top: Annotated[int, typer.Option(help="Show the top N candidates at each step.")] = 0,
     fast_load: Annotated[bool, typer.Option(
@@ -213,8 +217,8 @@ def score(
         help="Window step for texts longer than the context [half the context].")] = None,
     bos: Annotated[bool, typer.Option(
         help="Score every token (<|endoftext|> put first); --no-bos skips the first.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per file, then "
                                            "the total.")] = False,
@@ -327,8 +331,8 @@ def info(
 def bench(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from `gpt2-onnx export`.")],
     precision: Annotated[str | None,
-                         typer.Option(help="Variant to measure (default: per device).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+                         typer.Option(help=PRECISION_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")]
     = None,
     contexts: Annotated[str | None, typer.Option(
