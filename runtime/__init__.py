@@ -1,8 +1,9 @@
 """gpt2_onnx.runtime: torch-free GPT-2 generation on onnxruntime.
 
-Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI). The public names
-below are imported on first use (PEP 562), so `gpt2-onnx` starts by importing this package
-alone: Ctrl-C in its first tenth of a second ends cleanly instead of inside numpy's import.
+Imports only onnxruntime (where a graph runs), tokenizers and numpy (typer and rich for the CLI).
+The public names below are imported on first use (PEP 562), so `gpt2-onnx` starts by importing
+this package alone: Ctrl-C in its first tenth of a second ends cleanly (exit 130) instead of in a
+traceback from inside numpy's import.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (startup 
 
 # public name -> module that defines it
 _EXPORTS = {
+    "Device": "device",
     "DeviceError": "errors",
     "Gpt2OnnxError": "errors",
+    "InternalError": "errors",
+    "MissingExtraError": "errors",
     "ModelDirError": "errors",
+    "SessionLoadError": "errors",
     "Candidate": "generator",
     "GenerationResult": "generator",
     "StepRecord": "generator",
@@ -27,27 +32,41 @@ _EXPORTS = {
     "SamplingSettings": "sampling",
     "TextScore": "scoring",
     "perplexity": "scoring",
+    "VariantSpec": "variants",
 }
 
 __all__ = [
     "Candidate",
+    "Device",
     "DeviceError",
     "GenerationResult",
     "Gpt2OnnxError",
+    "InternalError",
     "Manifest",
+    "MissingExtraError",
     "ModelDirError",
     "SamplingSettings",
+    "SessionLoadError",
     "StepRecord",
     "TextScore",
     "TextGenerator",
     "Timings",
+    "VariantSpec",
     "check_files",
     "perplexity",
     "read_manifest",
 ]
 
 if TYPE_CHECKING:
-    from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
+    from gpt2_onnx.runtime.device import Device
+    from gpt2_onnx.runtime.errors import (
+        DeviceError,
+        Gpt2OnnxError,
+        InternalError,
+        MissingExtraError,
+        ModelDirError,
+        SessionLoadError,
+    )
     from gpt2_onnx.runtime.generator import (
         Candidate,
         GenerationResult,
@@ -58,6 +77,7 @@ if TYPE_CHECKING:
     from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
     from gpt2_onnx.runtime.sampling import SamplingSettings
     from gpt2_onnx.runtime.scoring import TextScore, perplexity
+    from gpt2_onnx.runtime.variants import VariantSpec
 
 
 def __getattr__(name: str) -> object:
