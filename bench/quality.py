@@ -39,7 +39,8 @@ from train_yardstick import (  # noqa: E402  (a script beside this one)
 
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 from gpt2_onnx.runtime.manifest import read_manifest  # noqa: E402
-from gpt2_onnx.runtime.scoring import batch_logits, log_softmax  # noqa: E402
+from gpt2_onnx.runtime.sampling import log_softmax  # noqa: E402
+from gpt2_onnx.runtime.scoring import batch_logits  # noqa: E402
 from gpt2_onnx.runtime.variants import thresholds_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
