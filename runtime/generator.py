@@ -35,6 +35,8 @@ class Timings:
     prefill_ms: float  # prompt -> first logits (time to first token, sampling excluded)
     decode_ms: float  # all later steps
     decode_tokens_per_s: float  # tokens of this row / decode time (0 when nothing decoded)
+    ttft_ms: float = 0.0  # submission -> first token (the engine: queue wait included)
+    queue_ms: float = 0.0  # submission -> a slot (the engine only)
 
 
 @dataclass(frozen=True)
