@@ -463,7 +463,8 @@ class Engine:
     slots: requests decoded together (each holds one slot's KV buffers of max_len positions).
     max_queue: requests that may wait for a slot; one more raises QueueFullError.
     prefill_chunk: prompt tokens loaded per step while others decode (smaller: smoother
-      inter-token latency for running requests, slower loading of the joining one).
+      inter-token latency for running requests, slower loading of the joining one). With no
+      request decoding, a joining prompt is loaded in one run.
     max_len: positions per slot (default the model's n_positions); prompt + new tokens must fit.
     idle_stop: when set, the thread exits (and the buffers are freed) after this many idle
       seconds, and restarts on the next submit (TextGenerator's own engine uses this).
@@ -588,8 +589,7 @@ class Engine:
                 self._end(req, "length")
                 return req
             free = sum(s is None for s in self._active)
-            if len(self._waiting) >= self.max_queue + max(free - len(self._waiting), 0) \
-                    and len(self._waiting) >= self.max_queue:
+            if len(self._waiting) - free >= self.max_queue:  # beyond the free slots
                 self._counts["rejected"] += 1
                 raise QueueFullError(
                     f"the engine's queue is full ({len(self._waiting)} requests wait for "
@@ -608,6 +608,22 @@ class Engine:
                 slots=self.slots, busy_slots=len(busy),
                 prefilling=sum(s.next_token is None for s in busy),
                 waiting=len(self._waiting), max_queue=self.max_queue, **self._counts)
+
+    def step(self) -> bool:
+        """Drive the engine by hand instead of start(): admit waiting requests, load one
+        prefill chunk, decode one token for every running slot. False when there was nothing
+        to do. (Tests use it to replay exact arrival schedules.)"""
+        with self._cond:
+            if self._started:
+                raise RuntimeError("step(): the engine runs its own thread (start() was called)")
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._reap_cancelled_locked()
+            self._admit_locked()
+            if not any(s is not None for s in self._active):
+                return False
+        self._step()
+        return True
 
     # -------------------------------------------------------------- the thread
     def _ensure_thread_locked(self) -> None:
@@ -691,7 +707,10 @@ class Engine:
 
     def _prefill_chunk(self, cache: SlotCache, i: int, s: _Slot) -> None:
         feed = s.req.seq.feed
-        chunk = feed[s.prefilled:s.prefilled + self.prefill_chunk]
+        # Chunks matter only while others decode; alone, the whole prompt goes in one run.
+        decoding = any(x is not None and x.next_token is not None for x in self._active)
+        size = self.prefill_chunk if decoding else len(feed) - s.prefilled
+        chunk = feed[s.prefilled:s.prefilled + size]
         try:
             logits = self.decoder.prefill_slot(cache, i, chunk, s.held)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
