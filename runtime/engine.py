@@ -194,7 +194,7 @@ class Sequence:
         self.seen = list(self.feed) if params.sampling.repetition_penalty != 1.0 else []
         self.steps: list[StepRecord] = []
         self.finish_reason: str | None = None
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._text = ""  # complete characters decoded so far (not cut at a stop)
         self._stop_at: int | None = None
         self._emitted = 0  # characters of the text already handed out in events
@@ -224,7 +224,7 @@ class Sequence:
             self.seen.append(token)
         if token == self.dims.eos_token_id:
             self.finish_reason = "eos"
-        piece = self._stream.step(self.tokenizer, token)
+        piece = self._next_piece(token)
         if piece:
             before = len(self._text)
             self._text += piece
@@ -251,6 +251,18 @@ class Sequence:
     def pending_text(self) -> str:
         """What `_delta` would hand out now (the rest of the text once finished)."""
         return self._delta()
+
+    def _next_piece(self, token: int) -> str | None:
+        """New complete characters after `token` (None while a character is incomplete)."""
+        if self._stream is not None:
+            try:
+                return self._stream.step(self.tokenizer, token)
+            except Exception:  # noqa: BLE001 - DecodeStream's InvalidPrefix: decode whole rows
+                self._stream = None  # from now on, for this row only
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd") or not full.startswith(self._text):
+            return None
+        return full[len(self._text):]
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
