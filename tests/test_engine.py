@@ -127,14 +127,15 @@ def workloads(draw, n_positions: int):
                      arrival, cancel))
     slots = draw(st.integers(1, 4))
     chunk = draw(st.sampled_from([1, 3, 16, 64]))
+    budget = draw(st.sampled_from([None, None, 0.6]))  # None: exactly `chunk` tokens per step
     data_seed = draw(st.integers(0, 2**16))
-    return reqs, slots, chunk, data_seed
+    return reqs, slots, chunk, budget, data_seed
 
 
 def check_schedule(gen: TextGenerator, workload) -> None:
-    reqs, slots, chunk, data_seed = workload
+    reqs, slots, chunk, budget, data_seed = workload
     rng = np.random.default_rng(data_seed)
-    engine = Engine(gen, slots=slots, prefill_chunk=chunk)
+    engine = Engine(gen, slots=slots, prefill_chunk=chunk, prefill_budget=budget)
     schedule: dict[int, list] = {}
     cancels: dict[int, list] = {}
     handles: list = []
@@ -182,7 +183,7 @@ def test_joining_requests_match_transformers_greedy(which: str,
     n_pos = gen.manifest.dims.n_positions
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(0, 50257, n)] for n in (1, 9, n_pos - 24, 0, 33)]
-    engine = Engine(gen, slots=2, prefill_chunk=7)
+    engine = Engine(gen, slots=2, prefill_chunk=7, prefill_budget=None)
     reqs: list = []
     params = GenerationParams(max_new_tokens=20, sampling=GREEDY)
     # Staggered: each prompt joins while the previous ones decode.
@@ -476,3 +477,32 @@ def test_step_generator_by_hand(tiny: TextGenerator, tiny_reference) -> None:
     assert g.tokens == context + rest
     with pytest.raises(ValueError, match="done"):
         g.generate_next_token()
+
+
+def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    real = tiny.decoder.prefill_slot
+
+    def recording(cache, slot, ids, start):
+        sizes.append(len(ids))
+        return real(cache, slot, ids, start)
+
+    monkeypatch.setattr(tiny.decoder, "prefill_slot", recording)
+    params = GenerationParams(max_new_tokens=200, sampling=GREEDY)
+    engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.6)
+    runners = [engine.submit([5, 6, 7], params), engine.submit([8], params)]
+    for _ in range(5):
+        engine.step()
+    sizes.clear()
+    joiner_ids = list(range(1000, 1200))
+    joiner = engine.submit(joiner_ids, GenerationParams(max_new_tokens=4, sampling=GREEDY))
+    while not joiner.done:
+        engine.step()
+    assert sum(sizes) == 200 and max(sizes) <= 32 and sizes[0] == 2
+    assert len(set(sizes)) > 1  # the size moved with the measured times
+    assert joiner.result().ids == alone(tiny, joiner_ids, joiner.params)
+    for r in runners:
+        r.cancel()
+    run_by_hand(engine, {})
+    assert [r.wait(0).finish_reason for r in runners] == ["cancelled"] * 2
