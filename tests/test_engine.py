@@ -506,3 +506,16 @@ def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
         r.cancel()
     run_by_hand(engine, {})
     assert [r.wait(0).finish_reason for r in runners] == ["cancelled"] * 2
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_cpu(tiny_fused_dir: Path, tiny: TextGenerator) -> None:
+    """The slot buffers live on the device, bound by address as on CPU (the prepared GPU check
+    runs this; skipped by default)."""
+    gpu = TextGenerator.load(tiny_fused_dir, device="cuda", precision="fp32-fused")
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(0, 50257, n)] for n in (1, 40, 200)]
+    params = GenerationParams(max_new_tokens=24, sampling=GREEDY)
+    with Engine(gpu, slots=2, prefill_chunk=16) as engine:
+        got = [engine.submit(p, params).result(timeout=120).ids for p in prompts]
+    assert got == [alone(tiny, p, params) for p in prompts]
