@@ -168,10 +168,11 @@ class EngineStats:
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token] in float64 (logits: float [vocab])."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = float(x.max())
-    return float(x[token] - top - math.log(np.exp(x - top).sum()))
+    """log softmax(logits)[token] (logits: float [vocab]); exp in the logits' precision, the
+    sum in float64 (4x cheaper than all-float64, same value to ~1e-7)."""
+    top = logits.max()
+    total = np.exp(logits - top).sum(dtype=np.float64)
+    return float(logits[token] - top) - math.log(float(total))
 
 
 class Sequence:

@@ -519,3 +519,31 @@ def test_engine_on_cuda_matches_cpu(tiny_fused_dir: Path, tiny: TextGenerator) -
     with Engine(gpu, slots=2, prefill_chunk=16) as engine:
         got = [engine.submit(p, params).result(timeout=120).ids for p in prompts]
     assert got == [alone(tiny, p, params) for p in prompts]
+
+
+def test_many_engine_generations_do_not_grow_rss(tiny: TextGenerator) -> None:
+    import gc
+    import os
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    prompts = ["Paris will", "The", "日本", "x" * 40]
+
+    def one(i: int) -> None:
+        if i % 10 == 0:
+            tiny.generate(prompts, max_new_tokens=2, seed=i, show_top=2)
+        elif i % 3 == 0:
+            "".join(tiny.stream(prompts[i % 4], max_new_tokens=2, seed=i))
+        else:
+            tiny.generate(prompts[i % 4], max_new_tokens=2, greedy=True, stop=["\n"])
+
+    for i in range(50):
+        one(i)
+    gc.collect()
+    before = rss()
+    for i in range(300):
+        one(i)
+    gc.collect()
+    assert (rss() - before) / before < 0.05
