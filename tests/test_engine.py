@@ -132,7 +132,7 @@ def workloads(draw, n_positions: int):
     return reqs, slots, chunk, budget, data_seed
 
 
-def check_schedule(gen: TextGenerator, workload) -> None:
+def check_schedule(gen: TextGenerator, workload, reference) -> None:
     reqs, slots, chunk, budget, data_seed = workload
     rng = np.random.default_rng(data_seed)
     engine = Engine(gen, slots=slots, prefill_chunk=chunk, prefill_budget=budget)
@@ -158,21 +158,25 @@ def check_schedule(gen: TextGenerator, workload) -> None:
         else:
             assert done.ids == expected, (len(ids), params)
             assert done.text == gen.tokenizer.decode(expected, skip_special_tokens=True)
+            if params.sampling.greedy:
+                assert done.ids == hf_greedy(reference, ids, params.max_new_tokens)
     stats = engine.stats()
     assert stats.busy_slots == stats.waiting == 0
     engine.close()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_request_gets_its_lone_tokens_tiny(tiny: TextGenerator, data) -> None:
-    check_schedule(tiny, data.draw(workloads(tiny.manifest.dims.n_positions)))
+def test_every_request_gets_its_lone_tokens_tiny(tiny: TextGenerator, tiny_reference,
+                                                 data) -> None:
+    check_schedule(tiny, data.draw(workloads(tiny.manifest.dims.n_positions)), tiny_reference)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_request_gets_its_lone_tokens_odd(odd: TextGenerator, data) -> None:
-    check_schedule(odd, data.draw(workloads(odd.manifest.dims.n_positions)))
+def test_every_request_gets_its_lone_tokens_odd(odd: TextGenerator, odd_reference,
+                                                data) -> None:
+    check_schedule(odd, data.draw(workloads(odd.manifest.dims.n_positions)), odd_reference)
 
 
 @pytest.mark.parametrize("which", ["tiny", "odd"])
