@@ -75,6 +75,13 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops
     top_n: int = 0  # > 0: each TokenEvent carries the n most probable candidates (explain mode)
 
+    def __post_init__(self) -> None:
+        # A single string or a list is accepted for `stop` and stored as a tuple.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
     def validate(self, dims: ModelDims) -> None:
         """ValueError naming the setting and its allowed range (prompt-independent checks)."""
         if not isinstance(self.sampling, SamplingSettings):

@@ -287,7 +287,8 @@ BAD = [
     (dict(seed=-3), "seed"),
     (dict(top_n=-1), "top_n"),
     (dict(stop=("",)), "stop"),
-    (dict(stop="x"), "stop"),
+    (dict(stop=("x", 3)), "stop"),
+    (dict(stop=None), "stop"),
 ]
 
 
