@@ -127,7 +127,7 @@ def workloads(draw, n_positions: int):
                      arrival, cancel))
     slots = draw(st.integers(1, 4))
     chunk = draw(st.sampled_from([1, 3, 16, 64]))
-    budget = draw(st.sampled_from([None, None, 0.6]))  # None: exactly `chunk` tokens per step
+    budget = draw(st.sampled_from([None, None, 0.8]))  # None: exactly `chunk` tokens per step
     data_seed = draw(st.integers(0, 2**16))
     return reqs, slots, chunk, budget, data_seed
 
@@ -495,7 +495,7 @@ def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
 
     monkeypatch.setattr(tiny.decoder, "prefill_slot", recording)
     params = GenerationParams(max_new_tokens=200, sampling=GREEDY)
-    engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.6)
+    engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.8)
     runners = [engine.submit([5, 6, 7], params), engine.submit([8], params)]
     for _ in range(5):
         engine.step()
