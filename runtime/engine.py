@@ -194,7 +194,7 @@ class Sequence:
         self.seen = list(self.feed) if params.sampling.repetition_penalty != 1.0 else []
         self.steps: list[StepRecord] = []
         self.finish_reason: str | None = None
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._text = ""  # complete characters decoded so far (not cut at a stop)
         self._stop_at: int | None = None
         self._emitted = 0  # characters of the text already handed out in events
@@ -224,7 +224,7 @@ class Sequence:
             self.seen.append(token)
         if token == self.dims.eos_token_id:
             self.finish_reason = "eos"
-        piece = self._stream.step(self.tokenizer, token)
+        piece = self._next_piece(token)
         if piece:
             before = len(self._text)
             self._text += piece
@@ -251,6 +251,18 @@ class Sequence:
     def pending_text(self) -> str:
         """What `_delta` would hand out now (the rest of the text once finished)."""
         return self._delta()
+
+    def _next_piece(self, token: int) -> str | None:
+        """New complete characters after `token` (None while a character is incomplete)."""
+        if self._stream is not None:
+            try:
+                return self._stream.step(self.tokenizer, token)
+            except Exception:  # noqa: BLE001 - DecodeStream's InvalidPrefix: decode whole rows
+                self._stream = None  # from now on, for this row only
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd") or not full.startswith(self._text):
+            return None
+        return full[len(self._text):]
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
@@ -463,7 +475,8 @@ class Engine:
     slots: requests decoded together (each holds one slot's KV buffers of max_len positions).
     max_queue: requests that may wait for a slot; one more raises QueueFullError.
     prefill_chunk: prompt tokens loaded per step while others decode (smaller: smoother
-      inter-token latency for running requests, slower loading of the joining one).
+      inter-token latency for running requests, slower loading of the joining one). With no
+      request decoding, a joining prompt is loaded in one run.
     max_len: positions per slot (default the model's n_positions); prompt + new tokens must fit.
     idle_stop: when set, the thread exits (and the buffers are freed) after this many idle
       seconds, and restarts on the next submit (TextGenerator's own engine uses this).
@@ -588,8 +601,7 @@ class Engine:
                 self._end(req, "length")
                 return req
             free = sum(s is None for s in self._active)
-            if len(self._waiting) >= self.max_queue + max(free - len(self._waiting), 0) \
-                    and len(self._waiting) >= self.max_queue:
+            if len(self._waiting) - free >= self.max_queue:  # beyond the free slots
                 self._counts["rejected"] += 1
                 raise QueueFullError(
                     f"the engine's queue is full ({len(self._waiting)} requests wait for "
@@ -608,6 +620,22 @@ class Engine:
                 slots=self.slots, busy_slots=len(busy),
                 prefilling=sum(s.next_token is None for s in busy),
                 waiting=len(self._waiting), max_queue=self.max_queue, **self._counts)
+
+    def step(self) -> bool:
+        """Drive the engine by hand instead of start(): admit waiting requests, load one
+        prefill chunk, decode one token for every running slot. False when there was nothing
+        to do. (Tests use it to replay exact arrival schedules.)"""
+        with self._cond:
+            if self._started:
+                raise RuntimeError("step(): the engine runs its own thread (start() was called)")
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._reap_cancelled_locked()
+            self._admit_locked()
+            if not any(s is not None for s in self._active):
+                return False
+        self._step()
+        return True
 
     # -------------------------------------------------------------- the thread
     def _ensure_thread_locked(self) -> None:
@@ -691,7 +719,10 @@ class Engine:
 
     def _prefill_chunk(self, cache: SlotCache, i: int, s: _Slot) -> None:
         feed = s.req.seq.feed
-        chunk = feed[s.prefilled:s.prefilled + self.prefill_chunk]
+        # Chunks matter only while others decode; alone, the whole prompt goes in one run.
+        decoding = any(x is not None and x.next_token is not None for x in self._active)
+        size = self.prefill_chunk if decoding else len(feed) - s.prefilled
+        chunk = feed[s.prefilled:s.prefilled + size]
         try:
             logits = self.decoder.prefill_slot(cache, i, chunk, s.held)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on

@@ -24,7 +24,7 @@ from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.session import create_session, resolve_device
 
 if TYPE_CHECKING:
-    from gpt2_onnx.runtime.engine import Engine, GenerationParams, Request
+    from gpt2_onnx.runtime.engine import DoneEvent, Engine, GenerationParams, Request, TokenEvent
 
 # Precision tried first on each device when the caller names none.
 # CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
@@ -85,7 +85,9 @@ class TextGenerator:
     use the engine's per-row step (`engine.Sequence`).
     """
 
-    engine_slots: int = ENGINE_SLOTS  # settings of `engine()`, read when it is first created
+    # Settings of `engine()`, read when it is first created. engine_slots = 0: no engine, every
+    # call runs its own static batch in the caller's thread (the behaviour before the engine).
+    engine_slots: int = ENGINE_SLOTS
     engine_prefill_chunk: int = ENGINE_PREFILL_CHUNK
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
@@ -227,18 +229,37 @@ class TextGenerator:
         # Validated (and, on the engine, submitted) here, when stream() is called, not at the
         # first next(): a caller (the CLI) learns about a bad setting before it prints anything.
         params.check_prompt(prompt_ids, self.manifest.dims, "prompt 0")
+        return _text_pieces(self._events(prompt, prompt_ids, params))
+
+    def stream_events(self, prompt_ids: Sequence[int], params: GenerationParams, *,
+                      prompt: str | None = None) -> Iterator[TokenEvent | DoneEvent]:
+        """One request's events: a TokenEvent per new token (id, text delta, logprob, top-N
+        candidates), then a DoneEvent (finish reason, counts, timings). Validated here, before
+        the first event; on the engine when this variant has one, else a static batch of one."""
+        self._check_ids(prompt_ids, "prompt")
+        ids = [int(t) for t in prompt_ids]
+        params.validate(self.manifest.dims)
+        params.check_prompt(ids, self.manifest.dims)
+        return self._events(prompt if prompt is not None else self.decode(ids), ids, params)
+
+    def _events(self, prompt: str, prompt_ids: list[int], params: GenerationParams
+                ) -> Iterator[TokenEvent | DoneEvent]:
         if self.uses_engine:
-            return _stream_request(self.engine().submit(prompt_ids, params, prompt=prompt))
-        return self._stream_static(prompt, prompt_ids, params)
+            return _request_events(self.engine().submit(prompt_ids, params, prompt=prompt))
+        return self._static_events(prompt, prompt_ids, params)
 
-    def _stream_static(self, prompt: str, prompt_ids: list[int], params: GenerationParams
-                       ) -> Iterator[str]:
-        from gpt2_onnx.runtime.engine import TokenEvent
+    def _static_events(self, prompt: str, prompt_ids: list[int], params: GenerationParams
+                       ) -> Iterator[TokenEvent | DoneEvent]:
+        from gpt2_onnx.runtime.engine import DoneEvent, TokenEvent
 
-        for events in self._static_batch([prompt_ids], [prompt], params):
-            for ev in events:  # the last yield holds the results, not events
-                if isinstance(ev, TokenEvent) and ev.text:
-                    yield ev.text
+        for out in self._static_batch([prompt_ids], [prompt], params):
+            (ev,) = out
+            if isinstance(ev, TokenEvent):
+                yield ev
+            elif isinstance(ev, GenerationResult):  # the last yield: the result
+                yield DoneEvent(finish_reason=ev.finish_reason, prompt_tokens=len(prompt_ids),
+                                completion_tokens=len(ev.ids), timings=ev.timings,
+                                text=ev.text, ids=ev.ids)
 
     def generate_ids(
         self,
@@ -339,7 +360,7 @@ class TextGenerator:
         False for optimum's concat-KV graph, which runs static batches."""
         from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 
-        return isinstance(self.decoder, SharedKVDecoder)
+        return self.engine_slots > 0 and isinstance(self.decoder, SharedKVDecoder)
 
     def engine(self) -> Engine:
         """This generator's own engine (created on first use, shared by every thread calling
@@ -469,12 +490,21 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return stops
 
 
-def _stream_request(request: Request) -> Iterator[str]:
-    """The text deltas of an engine request; cancels it when the consumer stops early."""
+def _request_events(request: Request) -> Iterator[TokenEvent | DoneEvent]:
+    """An engine request's events; cancels it when the consumer stops early."""
+    try:
+        yield from request.events()
+    finally:
+        if not request.done:
+            request.cancel()
+
+
+def _text_pieces(events: Iterator[TokenEvent | DoneEvent]) -> Iterator[str]:
+    """The non-empty text deltas of a request's events (GenerationError if it failed)."""
     from gpt2_onnx.runtime.engine import DoneEvent, GenerationError
 
     try:
-        for ev in request.events():
+        for ev in events:
             if isinstance(ev, DoneEvent):
                 if ev.tail:
                     yield ev.tail
@@ -483,5 +513,6 @@ def _stream_request(request: Request) -> Iterator[str]:
             elif ev.text:
                 yield ev.text
     finally:
-        if not request.done:
-            request.cancel()
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
