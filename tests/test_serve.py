@@ -28,8 +28,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import export_dir  # noqa: E402
-
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 
 KEY = "test-key-123"
@@ -93,11 +91,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """random-init tiny, seed 0 (the weights of conftest's tiny_reference), with the fused
-    shared-KV variant the engine batches."""
-    return export_dir(tmp_path_factory.mktemp("serve") / "random-tiny-seed0",
-                      random_init="tiny", precisions=("fp32", "fp32-fused"))
+def model_dir(tiny_fused_dir: Path) -> Path:
+    """random-init tiny, seed 0 (conftest's tiny_reference weights), with the fused variant."""
+    return tiny_fused_dir
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +503,16 @@ def test_fp32_only_directory_names_the_fix(tiny_dir) -> None:
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "COLUMNS": "300"})
     assert proc.returncode == 1 and "fp32-fused" in proc.stderr, proc.stderr
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(tiny_fused_dir) -> None:
+    blocked = "import sys; sys.modules.update(fastapi=None, uvicorn=None); "
+    proc = subprocess.run([sys.executable, "-c", blocked + LAUNCH, "serve", str(tiny_fused_dir)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pip install 'gpt2-onnx[serve]'" in proc.stderr and "fastapi" in proc.stderr
+    listed = subprocess.run([sys.executable, "-c", blocked + LAUNCH, "--help"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "300"})
+    assert listed.returncode == 0 and "serve" in listed.stdout
