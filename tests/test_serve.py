@@ -331,6 +331,10 @@ def test_bad_parameters_are_400_naming_the_field(http, body, param) -> None:
 def test_bad_json_and_other_routes(http) -> None:
     _assert_error(http.post("/v1/completions", content=b"{not json",
                             headers={"content-type": "application/json"}), 400)
+    err = _assert_error(http.post("/v1/completions", content=b'{"prompt": "x"}',
+                                  headers={"content-type": "application/x-www-form-urlencoded"}),
+                        400)
+    assert "Content-Type: application/json" in err["message"]
     _assert_error(http.post("/detokenize", json={"tokens": [70000]}), 400, "tokens")
     _assert_error(http.post("/tokenize", json={}), 400, "content")
     err = _assert_error(http.post("/v1/chat/completions", json={"messages": []}), 404)
