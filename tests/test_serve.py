@@ -418,6 +418,19 @@ def test_queue_full_is_429_then_disconnect_frees_the_slots(http, server) -> None
     assert made < (SLOTS + MAX_QUEUE) * 250 // 2
 
 
+def test_disconnect_while_waiting_for_a_plain_response_frees_the_slots(server) -> None:
+    before = _wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(
+            timeout=httpx.Timeout(60, read=0.1), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        c.post(f"{server.url}/v1/completions",  # two waves of 254 steps: far beyond 0.1 s
+               json={"prompt": "Paris will", "max_tokens": 254, "n": SLOTS + MAX_QUEUE})
+    after = _wait_idle(server)  # the client gave up: the slots are free again
+    assert after['gpt2onnx_requests_total{outcome="cancelled"}'] \
+        == before['gpt2onnx_requests_total{outcome="cancelled"}'] + 1
+    made = after["gpt2onnx_generation_tokens_total"] - before["gpt2onnx_generation_tokens_total"]
+    assert made < (SLOTS + MAX_QUEUE) * 254
+
+
 def test_concurrent_streams_each_equal_their_solo_result(server, gen) -> None:
     jobs = [("Paris will", 1, 0.8), ("A long time ago", 2, 1.0), ("The", 3, 1.2),
             ("In 1999, the", 4, 0.5), ("Numbers: 1, 2,", 5, 1.0)]  # 5 > SLOTS: one waits
