@@ -609,7 +609,9 @@ class _Job:
         for ids, text in zip(self.rows, self.prompt_texts, strict=True):
             lp = _empty_logprobs()
             if ids:
-                logits = batch_logits(self.gen.decoder, [ids])[0]  # [len, vocab]
+                # one forward returning every position's logits (the shared-KV graphs pick
+                # the rows through logits_index)
+                logits = batch_logits(self.gen.decoder, [ids], mode="all")[0]  # [len, vocab]
                 targets = np.asarray(ids[1:], dtype=np.int64)
                 scores = log_softmax_at(logits[:-1], targets)  # [len - 1]
                 pieces = [self._piece(int(t)) for t in ids]
