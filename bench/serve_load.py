@@ -1,8 +1,8 @@
 """Load benchmark of `gpt2-onnx serve`: closed-loop clients, an open-loop overload, memory.
 
     python bench/serve_load.py --model-dir models/random-gpt2-large-seed0 \
-        --precisions fp32-fused,int4 --threads 2            # the full run (results/serve_load.*)
-    python bench/serve_load.py --quick                      # tiny model, < 1 min (results/quick/)
+        --precisions fp32-fused,int4 --threads 2       # the full run (results/serve/serve_load.*)
+    python bench/serve_load.py --quick                 # tiny model, ~1 min (results/serve/quick/)
     python bench/serve_load.py --target http://127.0.0.1:8080 --target-name llama-server \
         --target-pid PID                                    # the same load on another server
 
@@ -76,7 +76,7 @@ class Config:
     target_name: str = "target"
     target_pid: int | None = None
     target_model: str | None = None
-    out: Path = HERE / "results"
+    out: Path = HERE / "results" / "serve"
     quick: bool = False
 
 
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
                  overload_seconds=a.overload_seconds, target=a.target,
                  target_name=a.target_name, target_pid=a.target_pid,
                  target_model=a.target_model, quick=a.quick,
-                 out=a.out or (HERE / "results" / ("quick" if a.quick else "")))
+                 out=a.out or (HERE / "results" / "serve" / ("quick" if a.quick else "")))
     if cfg.target and (urlparse(cfg.target).hostname or "") not in LOOPBACK:
         p.error(f"--target {cfg.target}: load goes to the loopback address only (127.0.0.1)")
     if a.quick:
