@@ -55,6 +55,8 @@ def serve_cmd(
                                               "SIGTERM or Ctrl-C.")] = 30.0,
     log_prompts: Annotated[bool, typer.Option(help="Log prompt text (off: only counts and "
                                                    "timings).")] = False,
+    model_name: Annotated[str | None, typer.Option(
+        help="The model id clients send and /v1/models lists [the directory's name].")] = None,
 ) -> None:
     """Serve the model over HTTP with OpenAI's Completions API (needs the serve extra)."""
     from gpt2_onnx.runtime.cli import _run, err, fail
@@ -68,7 +70,8 @@ def serve_cmd(
     logging.getLogger("gpt2_onnx.serve").setLevel(logging.INFO)
     opts = ServeOptions(model_dir=model_dir, host=host, port=port, precision=precision,
                         device=device, threads=threads, slots=slots, max_queue=max_queue,
-                        api_key=api_key, grace=grace, log_prompts=log_prompts)
+                        api_key=api_key, grace=grace, log_prompts=log_prompts,
+                        model_id=model_name)
     try:
         code = _run(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
     except OSError as exc:  # the port is taken, the address is not ours
