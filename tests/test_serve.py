@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 
