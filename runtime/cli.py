@@ -47,7 +47,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.\n\n"
          "Extras: pip install 'gpt2-onnx\\[cpu]' (or \\[gpu]) adds onnxruntime for generate, "
-         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify.")
+         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify; "
+         "'gpt2-onnx\\[serve]' adds the HTTP server (serve).")
 err = Console(stderr=True, highlight=False)
 EXPORT_FIX = (
     "the export extra is not installed: pip install torch==2.13.0 && "
@@ -433,6 +434,18 @@ def _register_export_commands() -> None:
                 "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def _register_serve_command() -> None:
+    """`serve` from gpt2_onnx.serve (the server imports the runtime, never the reverse). Its CLI
+    module imports only typer, so the command is listed even without the serve extra and then
+    answers with the install hint."""
+    from gpt2_onnx.serve.cli import register
+
+    register(app)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -508,6 +521,7 @@ class _GuardedStdout:
 
 
 _register_export_commands()
+_register_serve_command()
 
 for _signum, _handler in _STARTUP_HANDLERS.items():  # imports done: back to Python's handlers
     signal.signal(_signum, _handler)
