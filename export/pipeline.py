@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from gpt2_onnx.export.fp16 import LAST_LOGITS
 from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source, write_tokenizer
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 from gpt2_onnx.runtime.manifest import (
@@ -44,7 +45,8 @@ TMP_PREFIX = ".gpt2-onnx-tmp-"
 # fp32: optimum's graph (concat KV cache, every position's logits: verify's reference path).
 # fp32-fused, int8, int4: the GroupQueryAttention graph (shared KV buffer, last-row logits).
 # fp16: optimum's graph in half precision (for CUDA).
-SUPPORTED_PRECISIONS = ("fp32", "fp32-fused", "int8", "int4", "fp16")
+# fp16-fused: the GroupQueryAttention graph in half precision (the fast CUDA path).
+SUPPORTED_PRECISIONS = ("fp32", "fp32-fused", "int8", "int4", "fp16", "fp16-fused")
 
 
 class ExportError(Gpt2OnnxError):
@@ -321,7 +323,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
     """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
     n_params = sum(p.numel() for p in model.parameters())
-    per_precision = {"fp32": 4.0, "fp32-fused": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
+    # fp16-fused: 2 bytes kept plus its fp32 scratch graph (4), removed once converted.
+    per_precision = {"fp32": 4.0, "fp32-fused": 4.0, "fp16": 2.0, "fp16-fused": 6.0,
+                     "int8": 1.1, "int4": 0.6}
     lm_head = model.config.vocab_size * model.config.n_embd * 4
     return int(sum(n_params * per_precision[p] for p in precisions) + lm_head)
 
@@ -352,12 +356,26 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     if not graph.is_file():
         raise ExportError(f"optimum produced no model.onnx in {raw}")
     data = external_data_files(graph)
+    add_last_logits(graph)
     for name in ["model.onnx", *data]:
         os.replace(raw / name, out_dir / name)
     shutil.rmtree(raw)
     gc.collect()  # the traced graph held gigabytes for gpt2-large; give them back before verify
     return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
-                   io=VariantIO())
+                   io=VariantIO(logits_last=LAST_LOGITS))
+
+
+def add_last_logits(graph: Path) -> None:
+    """Give optimum's graph the last-row output LAST_LOGITS ([batch, vocab]): prefill then
+    brings one row per prompt to the host, not [batch, seq, vocab] (on CUDA a device-to-host
+    copy of 1.45 GB at batch 8 and 900 tokens). The weights (external data) are not touched."""
+    import onnx
+
+    from gpt2_onnx.export.fp16 import add_last_logits_output
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    add_last_logits_output(proto.graph, VariantIO().logits, LAST_LOGITS)
+    onnx.save(proto, str(graph))
 
 
 def external_data_files(graph: Path) -> list[str]:
@@ -377,8 +395,8 @@ def external_data_files(graph: Path) -> list[str]:
 
 
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
-    """fp32-fused / int8 / int4 (fused GroupQueryAttention graphs); fp16 (optimum's graph in
-    fp16). Each carries verify's thresholds for its precision (export/thresholds.py)."""
+    """fp32-fused / int8 / int4 / fp16-fused (fused GroupQueryAttention graphs); fp16 (optimum's
+    graph in fp16). Each carries verify's thresholds for its precision (export/thresholds.py)."""
     from dataclasses import replace
 
     from gpt2_onnx.export.thresholds import thresholds_for
@@ -387,6 +405,10 @@ def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
         from gpt2_onnx.export.fp16 import build_fp16_variant
 
         variant = build_fp16_variant(out_dir)
+    elif precision == "fp16-fused":
+        from gpt2_onnx.export.fused import build_fp16_fused_variant
+
+        variant = build_fp16_fused_variant(model, out_dir)
     else:
         from gpt2_onnx.export.fused import build_fused_graph
 

@@ -23,8 +23,10 @@ from gpt2_onnx.runtime.session import create_session, resolve_device
 
 # Precision tried first on each device when the caller names none.
 # CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
-DEFAULT_PRECISIONS = {"cpu": ("fp32-fused", "fp32", "int8", "int4", "fp16"),
-                      "cuda": ("fp16", "fp32", "fp32-fused", "int8")}
+# CUDA: GroupQueryAttention's CUDA kernel is fp16/bf16 only, so of the fused graphs only
+# fp16-fused runs there (check_cuda_variant refuses the others).
+DEFAULT_PRECISIONS = {"cpu": ("fp32-fused", "fp32", "int8", "int4", "fp16", "fp16-fused"),
+                      "cuda": ("fp16-fused", "fp16", "fp32")}
 FINISH_REASONS = ("length", "eos", "stop")
 # Variants that run well without prepacked weights (plain float MatMuls, no MatMulNBits).
 FAST_LOAD_PRECISIONS = ("fp32", "fp32-fused", "fp16")
@@ -92,7 +94,8 @@ class TextGenerator:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", precision: str | None = None,
-             threads: int | None = None, fast_load: bool = False) -> TextGenerator:
+             threads: int | None = None, fast_load: bool = False,
+             tf32: bool = False) -> TextGenerator:
         """Read the manifest, the tokenizer and one variant's graph.
 
         device: "auto" (CUDA when onnxruntime-gpu can use it, else CPU), "cpu" or "cuda".
@@ -100,6 +103,8 @@ class TextGenerator:
         threads: intra-op threads; default the physical cores.
         fast_load: skip weight prepacking (fp32 variants only): random gpt2-large fp32-fused
           loads in 0.5 s instead of 4.5 s and peaks at its weights' size, decoding ~6 % slower.
+        tf32: allow TF32 matmuls on CUDA (faster fp32, no longer PyTorch's fp32 numbers); off
+          by default, no effect on CPU.
         """
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -107,13 +112,14 @@ class TextGenerator:
         manifest = read_manifest(root)
         resolved = resolve_device(device)
         variant = pick_variant(manifest, precision, resolved)
+        check_cuda_variant(variant, resolved)
         if fast_load and variant.precision not in FAST_LOAD_PRECISIONS:
             raise ValueError(
                 f"fast_load: only for {', '.join(FAST_LOAD_PRECISIONS)} variants; "
                 f"{variant.precision} needs its weights prepacked (it would decode ~30x slower)")
         tokenizer = load_tokenizer(root / manifest.tokenizer, manifest.dims.vocab_size)
         session = create_session(root / variant.graph, resolved, threads,
-                                 prepack=not fast_load)
+                                 prepack=not fast_load, tf32=tf32)
         decoder = make_decoder(session, manifest, variant, resolved)
         return cls(manifest, tokenizer, decoder, resolved, root)
 
@@ -447,6 +453,17 @@ def pick_variant(manifest: Manifest, precision: str | None, device: str) -> Vari
         if p in manifest.variants:
             return manifest.variants[p]
     return manifest.variants[available[0]]
+
+
+def check_cuda_variant(variant: Variant, device: str) -> None:
+    """ValueError for a fused (GroupQueryAttention) variant that is not float16 on CUDA: the
+    CUDA kernel of GroupQueryAttention is fp16/bf16 only, so onnxruntime would run those nodes
+    on the CPU and copy the KV buffers across every step, or fail."""
+    if device == "cuda" and variant.io.kv_layout == "shared" and variant.dtype != "float16":
+        raise ValueError(
+            f"precision {variant.precision!r} cannot run on CUDA (its GroupQueryAttention has "
+            "no fp32 CUDA kernel); use precision 'fp16-fused' (export it with --precision "
+            "fp32,fp16-fused), or 'fp16' / 'fp32'")
 
 
 def make_decoder(session: object, manifest: Manifest, variant: Variant, device: str) -> Decoder:

@@ -86,9 +86,22 @@ def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOpt
     return opts
 
 
+def cuda_provider_options(device_id: int = 0, tf32: bool = False) -> dict[str, str]:
+    """Options of onnxruntime's CUDA provider.
+
+    TF32 is off unless asked for: the CUDA provider turns it on by default (`use_tf32`), which
+    rounds fp32 matmul inputs to 10-bit mantissas. PyTorch keeps TF32 off for fp32 matmuls, so
+    with it on an fp32 variant misses verify's fp32 limit by far, and fp32 speed figures against
+    PyTorch compare different arithmetic. fp16 variants are unaffected either way.
+    """
+    return {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
+
+
 def create_session(graph: Path, device: str, threads: int | None = None,
-                   device_id: int = 0, prepack: bool = True) -> ort.InferenceSession:
-    """A session for `graph` on the resolved device ('cpu' or 'cuda')."""
+                   device_id: int = 0, prepack: bool = True,
+                   tf32: bool = False) -> ort.InferenceSession:
+    """A session for `graph` on the resolved device ('cpu' or 'cuda'); `tf32` allows TF32
+    matmuls on CUDA (off by default: see cuda_provider_options)."""
     opts = session_options(threads, prepack)
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* pip packages (torch's) when
@@ -96,7 +109,8 @@ def create_session(graph: Path, device: str, threads: int | None = None,
         with contextlib.suppress(OSError):
             ort.preload_dlls(msvc=False)
     if device == "cuda":
-        providers: list = [(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
+        providers: list = [(CUDA_PROVIDER, cuda_provider_options(device_id, tf32)),
+                           "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
     try:
