@@ -106,7 +106,8 @@ def export(
         "gpt2-medium, gpt2-large, gpt2-xl) with the real tokenizer.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
     precision: Annotated[str, typer.Option(
-        help="Comma-separated variants: fp32 plus any of int8, int4, fp16.")] = "fp32",
+        help="Comma-separated variants: fp32 plus any of fp32-fused, int8, int4, fp16, "
+        "fp16-fused.")] = "fp32",
     force: Annotated[bool, typer.Option(
         help="Replace an existing model directory (refused if it holds files no export wrote).")
     ] = False,
