@@ -233,9 +233,13 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
     from gpt2_onnx.export.fp16 import LAST_LOGITS
     from gpt2_onnx.runtime.manifest import read_manifest
 
+    from gpt2_onnx.export.thresholds import THRESHOLDS
+
     manifest = read_manifest(tiny_fp16_dir)
     v = manifest.variants["fp16"]
     assert (v.graph, v.dtype, v.data) == ("model-fp16.onnx", "float16", ())
+    # add_fp16_variant records fp16's limits, not a copy of fp32's
+    assert v.thresholds == THRESHOLDS["fp16"] != manifest.variants["fp32"].thresholds
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_fp16_dir / v.graph)))
     g = proto.graph
     types = {x.name: x.type.tensor_type.elem_type for x in [*g.input, *g.output, *g.value_info]}
