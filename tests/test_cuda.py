@@ -231,9 +231,8 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
     from onnx import TensorProto
 
     from gpt2_onnx.export.fp16 import LAST_LOGITS
-    from gpt2_onnx.runtime.manifest import read_manifest
-
     from gpt2_onnx.export.thresholds import THRESHOLDS
+    from gpt2_onnx.runtime.manifest import read_manifest
 
     manifest = read_manifest(tiny_fp16_dir)
     v = manifest.variants["fp16"]
@@ -285,6 +284,35 @@ def test_fp16_last_logits_output_is_last_row(tiny_fp16_dir: Path) -> None:
     assert last.shape == (2, 50257) and last.dtype == np.float32
     assert np.isfinite(logits).all()  # assert_array_equal alone would call NaN == NaN equal
     np.testing.assert_array_equal(last, logits[:, -1, :])
+
+
+def test_fp16_added_to_a_directory_exported_before_last_row_logits(tiny_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """An older export's fp32 graph has no logits_last output: the fp16 conversion adds one."""
+    import json
+
+    import onnx
+
+    from gpt2_onnx.export.fp16 import LAST_LOGITS, add_fp16_variant
+    from gpt2_onnx.runtime.manifest import file_entries, read_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_dir, old)
+    proto = onnx.load(str(old / "model.onnx"))
+    keep = [o for o in proto.graph.output if o.name != LAST_LOGITS]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    onnx.save(proto, str(old / "model.onnx"))
+    doc = json.loads((old / "gpt2-onnx.json").read_text())
+    doc["variants"]["fp32"]["io"]["logits_last"] = ""
+    entry = file_entries(old, ["model.onnx"])["model.onnx"]
+    doc["files"]["model.onnx"] = {"size": entry.size, "sha256": entry.sha256}
+    (old / "gpt2-onnx.json").write_text(json.dumps(doc))
+    add_fp16_variant(old)
+    v = read_manifest(old).variants["fp16"]
+    assert v.io.logits_last == LAST_LOGITS
+    outputs = [o.name for o in onnx.load(str(old / v.graph)).graph.output]
+    assert outputs.count(LAST_LOGITS) == 1
 
 
 def test_every_variant_offers_last_row_logits(tiny_half_dir: Path) -> None:
