@@ -1,6 +1,6 @@
 """Derive verify's per-variant limits from the measurements in bench/results.
 
-    python bench/derive_thresholds.py            write export/thresholds.json
+    python bench/derive_thresholds.py            write runtime/thresholds.json
     python bench/derive_thresholds.py --check    exit 1 if the committed file differs
 
 Sources (each a file in bench/results; the output records which figure each limit came from):
@@ -38,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-OUTPUT = ROOT / "export" / "thresholds.json"
+OUTPUT = ROOT / "runtime" / "thresholds.json"
 YARDSTICK = "quality.json"
 VERIFY_REPORTS = ("verify-gpt2-large.json", "verify-gpt2-fp16.json", "verify-tiny-fp16.json")
 GPT2_SHAPED = ("verify-gpt2-large.json", "verify-gpt2-fp16.json")  # the exact variants' sources
@@ -103,7 +103,7 @@ def _worst(pairs: list[tuple[str, float]], what: str, variant: str, high: bool =
 
 
 def derive(results: Path = RESULTS) -> dict[str, Any]:
-    """The content of export/thresholds.json, computed from the files in `results`."""
+    """The content of runtime/thresholds.json, computed from the files in `results`."""
     variants: dict[str, Any] = {}
     for variant in (*EXACT, *QUANTIZED, *HALF):
         figs = (_verify_figures(results, EXACT, GPT2_SHAPED) if variant in EXACT

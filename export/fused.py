@@ -334,12 +334,14 @@ def _param_bytes(model: Any) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
-    """Write `model-<precision>.onnx` (+ `.onnx.data` when large) into out_dir; return its Variant.
+def build_fused_graph(model: Any, out_dir: Path, precision: str,
+                      graph_name: str | None = None) -> Variant:
+    """Write `graph_name` (default `model-<precision>.onnx`; + `.onnx.data` when large) into
+    out_dir; return its Variant.
 
-    model: a transformers GPT2LMHeadModel in eval mode. precision: fp32, int8 or int4 (weight-only
-    MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the KV cache
-    stay float32).
+    model: a transformers GPT2LMHeadModel in eval mode. precision: the weights, fp32, int8 or int4
+    (weight-only MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the
+    KV cache stay float32). The registry entry's name is the caller's (export/builders.py).
     """
     import onnx
     import torch
@@ -348,7 +350,7 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
     _check_model(model, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    graph_name = f"model-{precision}.onnx"
+    graph_name = graph_name or f"model-{precision}.onnx"
     external = _param_bytes(model) > EXTERNAL_DATA_MIN_BYTES
     data_path = out_dir / f"{graph_name}.data" if external else None
     tmp_graph = out_dir / f"{graph_name}.tmp"
@@ -379,7 +381,8 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
 FP16_FUSED_GRAPH = "model-fp16-fused.onnx"
 
 
-def build_fp16_fused_variant(model: Any, out_dir: Path) -> Variant:
+def build_fp16_fused_variant(model: Any, out_dir: Path,
+                             graph_name: str = FP16_FUSED_GRAPH) -> Variant:
     """The fused graph in float16 (`fp16-fused`): the CUDA path, since GroupQueryAttention's CUDA
     kernel takes fp16/bf16 only (fp32-fused, int8 and int4 cannot run it there).
 
@@ -400,13 +403,13 @@ def build_fp16_fused_variant(model: Any, out_dir: Path) -> Variant:
         _annotate_types(scratch / src.graph)
         proto = convert_to_fp16(scratch / src.graph, [src.io.logits])
         proto.graph.name = "gpt2-fused-fp16"
-        data = save_graph(proto, out_dir, FP16_FUSED_GRAPH, f"{FP16_FUSED_GRAPH}.data")
+        data = save_graph(proto, out_dir, graph_name, f"{graph_name}.data")
         del proto
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    variant = Variant(precision="fp16-fused", graph=FP16_FUSED_GRAPH, data=data,
+    variant = Variant(precision="fp16-fused", graph=graph_name, data=data,
                       dtype="float16", io=FUSED_IO)
-    check_fp16_io(out_dir / FP16_FUSED_GRAPH, variant)
+    check_fp16_io(out_dir / graph_name, variant)
     return variant
 
 

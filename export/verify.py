@@ -17,8 +17,8 @@ Per variant (precision) and prompt it drives the code users run — `TextGenerat
 Each check yields one row per variant (the worst prompt named in `detail`). Memory: the reference
 model plus one onnxruntime session at a time (variants are loaded one after another).
 
-Limits come from the package (export/thresholds.py), never from the model directory: a manifest
-records the limits its export used, and a manifest value looser than the package's is reported
+Limits come from the package (runtime/variants.py), never from the model directory: a manifest
+records the limits its export used, and a manifest value looser than the registry's is reported
 in the notes and ignored. A check that could not run (no decode step, no decisive step) is
 reported "not run" and is never a pass: a variant whose essential checks did not run fails.
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_onnx.export.thresholds import THRESHOLDS, package_thresholds
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Manifest, ModelDims, Variant, read_manifest
 
 LOGITS_PREFILL = "logits-prefill"
@@ -46,10 +46,11 @@ CACHE = "cache-vs-recompute"
 BATCH = "batch-vs-single"
 CHECKS = (LOGITS_PREFILL, LOGITS_DECODE, GREEDY, SAMPLING, CACHE, BATCH)
 
-# Limits per precision live in export/thresholds.py (derived from bench/results by
-# bench/derive_thresholds.py). The export copies them into each variant's manifest entry as a
-# record; verify applies the package's, whatever the manifest says.
-DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = THRESHOLDS
+# Limits per precision live in the variant registry (runtime/variants.py, numbers in
+# runtime/thresholds.json, derived from bench/results by bench/derive_thresholds.py). The export
+# copies them into each variant's manifest entry as a record; verify applies the registry's,
+# whatever the manifest says. An unknown precision is an error, never another variant's limits.
+THRESHOLDS: dict[str, dict[str, float]] = variants.THRESHOLDS
 # Which way a limit loosens: True when a larger value lets more through.
 LOOSER_WHEN_LARGER = {"logits_max_abs": True, "mean_kl_max": True, "top1_margin": True,
                       "top1_agreement_min": False}
@@ -328,7 +329,7 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 @dataclass(frozen=True)
 class _Gate:
-    """How one variant is judged: the package's limits for its precision."""
+    """How one variant is judged: the registry's limits for its precision."""
 
     limits: dict[str, float]
 
@@ -358,18 +359,18 @@ class _Gate:
 
 
 def _limit(x: float) -> str:
-    """A limit as written in export/thresholds.py (never rounded: 0.0015, not 2e-03)."""
+    """A limit as written in runtime/thresholds.json (never rounded: 0.0015, not 2e-03)."""
     return repr(float(x))
 
 
 def limits_for(variant: Variant) -> tuple[dict[str, float], list[str]]:
-    """The package's limits for the variant's precision, and notes on manifest values that
-    differ from them. ValueError for a precision the package has no limits for.
+    """The registry's limits for the variant's precision, and notes on manifest values that
+    differ from them. ValueError for a precision the registry does not know.
 
     The manifest's `thresholds` only record what its export used: a looser value there is
     reported and ignored, so a model directory cannot weaken its own verification.
     """
-    limits = package_thresholds(variant.precision)
+    limits = variants.thresholds_for(variant.precision)
     notes = []
     for key, value in sorted(variant.thresholds.items()):
         if key not in limits or value == limits[key]:
@@ -673,9 +674,18 @@ def run_verify(
 def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], reference: Any,
                      singles: list[Prompt], batch: list[Prompt], steps: int, device: str,
                      threads: int | None, say: Callable[[str], None]) -> VerifyReport:
-    from gpt2_onnx.runtime.generator import TextGenerator
+    from gpt2_onnx.runtime.device import resolve_device
+    from gpt2_onnx.runtime.generator import TextGenerator, check_cuda_variant
 
     new_tokens = steps + 1
+    # Before the (slow) reference: every precision has limits, and can run on the device.
+    resolved = resolve_device(device)
+    gates, notes = {}, []
+    for precision in chosen:
+        check_cuda_variant(manifest.variants[precision], resolved)
+        limits, differing = limits_for(manifest.variants[precision])
+        gates[precision] = _Gate(limits)
+        notes.extend(differing)
     say("loading the transformers reference")
     model, where = load_reference_model(manifest, reference)
     _quiet_transformers()
@@ -688,11 +698,7 @@ def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], referenc
         model_dir=str(root), reference=where, steps=steps, device=device,
         prompts=[{"name": p.name, "tokens": len(p.ids), "batch": False} for p in singles]
         + [{"name": p.name, "tokens": len(p.ids), "batch": True} for p in batch])
-    gates = {}
-    for precision in chosen:  # every precision's limits known before anything loads
-        limits, notes = limits_for(manifest.variants[precision])
-        gates[precision] = _Gate(limits)
-        report.notes.extend(notes)
+    report.notes.extend(notes)
     for precision in chosen:
         say(f"{precision}: loading the ONNX session")
         gen = TextGenerator.load(root, device=device, precision=precision, threads=threads)

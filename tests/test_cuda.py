@@ -210,12 +210,12 @@ def assert_decode_traffic(gen: TextGenerator, step: Counter, batch: int, past: i
     logits_names = {io.logits, getattr(io, "logits_last", "") or io.logits}
     host_outputs = [k for k in step if k.startswith("out:") and k.endswith("@cpu")]
     device_outputs = [k for k in step if k.startswith("out:") and not k.endswith("@cpu")]
-    if dec.device == "cpu":
+    if dec.device.name == "cpu":
         # On CPU the presents are bound to the session's device, which is the host.
         assert len(host_outputs) == 1 + n_kv
     else:
         assert len(host_outputs) == 1 and host_outputs[0][4:-4] in logits_names
-        assert len(device_outputs) == n_kv and all(k.endswith(f"@{dec.device}")
+        assert len(device_outputs) == n_kv and all(k.endswith(f"@{dec.device.name}")
                                                    for k in device_outputs)
     downs = {k: v for k, v in step.items() if k.startswith("down:")}
     assert len(downs) == 1 and next(iter(downs))[5:] in logits_names  # only logits come down
@@ -231,8 +231,8 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
     from onnx import TensorProto
 
     from gpt2_onnx.export.fp16 import LAST_LOGITS
-    from gpt2_onnx.export.thresholds import THRESHOLDS
     from gpt2_onnx.runtime.manifest import read_manifest
+    from gpt2_onnx.runtime.variants import THRESHOLDS
 
     manifest = read_manifest(tiny_fp16_dir)
     v = manifest.variants["fp16"]
@@ -422,7 +422,7 @@ def test_decode_step_moves_only_ids_up_and_logits_down(tiny_fp16_dir: Path,
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
 def test_auto_resolves_to_cpu_without_cuda_provider() -> None:
-    assert resolve_device("auto") == "cpu"
+    assert resolve_device("auto").name == "cpu"
 
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
@@ -445,28 +445,17 @@ def test_device_cuda_without_gpu_fails_with_one_line(tiny_dir: Path) -> None:
 # --------------------------------------------------------------------------- CUDA settings
 
 
-def test_cuda_provider_keeps_tf32_off_unless_asked(monkeypatch: pytest.MonkeyPatch,
-                                                   tiny_dir: Path) -> None:
-    """onnxruntime's CUDA provider enables TF32 by default; sessions turn it off (PyTorch's fp32
-    arithmetic), and `tf32=True` is the opt-in. Checked on the options handed to onnxruntime."""
-    from gpt2_onnx.runtime import session as session_mod
+def test_cuda_provider_keeps_tf32_off_unless_asked() -> None:
+    """onnxruntime's CUDA provider enables TF32 by default; CUDA sessions turn it off (PyTorch's
+    fp32 arithmetic) and `with_options(use_tf32="1")` (TextGenerator.load(tf32=True)) opts in.
+    Checked on the providers argument handed to onnxruntime."""
+    from gpt2_onnx.runtime.device import CPU, Device
 
-    assert session_mod.cuda_provider_options(1) == {"device_id": "1", "use_tf32": "0"}
-    assert session_mod.cuda_provider_options(0, tf32=True)["use_tf32"] == "1"
-    seen = []
-
-    class Recorder:
-        def __init__(self, path: str, sess_options: Any = None, providers: Any = None) -> None:
-            seen.append(providers)
-
-        def get_providers(self) -> list[str]:
-            return [CUDA_PROVIDER, "CPUExecutionProvider"]
-
-    monkeypatch.setattr(session_mod.ort, "InferenceSession", Recorder)
-    for tf32 in (False, True):
-        session_mod.create_session(tiny_dir / "model.onnx", "cuda", tf32=tf32)
-    assert [p[0] for p in seen] == [(CUDA_PROVIDER, {"device_id": "0", "use_tf32": "0"}),
-                                    (CUDA_PROVIDER, {"device_id": "0", "use_tf32": "1"})]
+    assert Device("cuda", 1).providers() == [
+        (CUDA_PROVIDER, {"device_id": "1", "use_tf32": "0"}), "CPUExecutionProvider"]
+    opted = Device("cuda").with_options(use_tf32="1").providers()[0]
+    assert opted == (CUDA_PROVIDER, {"device_id": "0", "use_tf32": "1"})
+    assert CPU.providers() == ["CPUExecutionProvider"]
 
 
 def test_fused_graphs_other_than_fp16_fused_are_refused_on_cuda(tiny_half_dir: Path) -> None:
@@ -474,19 +463,22 @@ def test_fused_graphs_other_than_fp16_fused_are_refused_on_cuda(tiny_half_dir: P
     refused on CUDA with one line naming fp16-fused; the others pass the check."""
     from dataclasses import replace
 
-    from gpt2_onnx.runtime.generator import DEFAULT_PRECISIONS, check_cuda_variant
+    from gpt2_onnx.runtime import variants as registry
+    from gpt2_onnx.runtime.device import CPU, Device
+    from gpt2_onnx.runtime.generator import check_cuda_variant
     from gpt2_onnx.runtime.manifest import read_manifest
 
     variants = read_manifest(tiny_half_dir).variants
     fused32 = replace(variants["fp16-fused"], dtype="float32")
+    cuda = Device("cuda")
     for precision in ("fp32-fused", "int8", "int4"):
         with pytest.raises(ValueError, match=r"cannot run on CUDA .*use precision 'fp16-fused'"):
-            check_cuda_variant(replace(fused32, precision=precision), "cuda")
-        check_cuda_variant(replace(fused32, precision=precision), "cpu")  # fine on CPU
+            check_cuda_variant(replace(fused32, precision=precision), cuda)
+        check_cuda_variant(replace(fused32, precision=precision), CPU)  # fine on CPU
     for precision in ("fp32", "fp16", "fp16-fused"):
-        check_cuda_variant(variants[precision], "cuda")
-    assert DEFAULT_PRECISIONS["cuda"][0] == "fp16-fused"
-    assert not {"fp32-fused", "int8", "int4"} & set(DEFAULT_PRECISIONS["cuda"])
+        check_cuda_variant(variants[precision], cuda)
+    assert registry.preferred("cuda")[0] == "fp16-fused"
+    assert not {"fp32-fused", "int8", "int4"} & set(registry.preferred("cuda"))
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -497,7 +489,7 @@ def test_cuda_greedy_parity_fp32(tiny_dir: Path, tiny_reference: Any) -> None:
     import torch
 
     gen = TextGenerator.load(tiny_dir, device="cuda", precision="fp32")
-    assert gen.device == "cuda"
+    assert gen.device.name == "cuda"
     prompt = gen.encode("Paris will")
     with torch.no_grad():
         ids = torch.tensor([prompt])
@@ -538,7 +530,7 @@ def test_cuda_kv_cache_stays_on_device(tiny_fp16_dir: Path, precision: str) -> N
 @pytest.mark.gpu
 def test_cuda_fp32_logits_within_fp32_limit(tiny_dir: Path, tiny_reference: Any) -> None:
     """TF32 off: fp32 on CUDA stays within verify's fp32 limit of PyTorch fp32 (TF32 would not)."""
-    from gpt2_onnx.export.thresholds import THRESHOLDS
+    from gpt2_onnx.runtime.variants import THRESHOLDS
 
     gen = TextGenerator.load(tiny_dir, device="cuda", precision="fp32")
     prompt = gen.encode("Paris will")

@@ -228,7 +228,7 @@ def test_unknown_precision_is_an_error_not_another_precisions_limits(tiny_dir: P
         alias["precision"] = "fp8"
         doc["variants"]["fp8"] = alias
     _set_manifest(out, add_alias)
-    with pytest.raises(ValueError, match=r"no verify limits for precision 'fp8'; known: fp32"):
+    with pytest.raises(ValueError, match=r"'fp8'.*known: fp32"):
         verify.run_verify(out, prompts=SHORT_PROMPTS, steps=2, precisions=["fp8"])
 
 
@@ -307,23 +307,23 @@ def test_every_limit_is_used_and_none_is_dead() -> None:
 
 
 def test_thresholds_are_reproducible_from_bench_results() -> None:
-    """export/thresholds.json is exactly what bench/derive_thresholds.py computes from the
+    """runtime/thresholds.json is exactly what bench/derive_thresholds.py computes from the
     measurements in bench/results."""
     import importlib.util
 
-    from gpt2_onnx.export import thresholds
+    from gpt2_onnx.runtime import variants
 
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("derive_thresholds",
                                                   root / "bench" / "derive_thresholds.py")
     derive = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(derive)
-    assert json.loads(thresholds.DATA_FILE.read_text()) == derive.derive(root / "bench" /
-                                                                         "results")
-    assert thresholds.DATA_FILE.read_text() == derive.render(derive.derive())
-    from gpt2_onnx.export.pipeline import SUPPORTED_PRECISIONS
-
-    assert set(thresholds.THRESHOLDS) == set(SUPPORTED_PRECISIONS)
+    data = variants.THRESHOLDS_FILE
+    assert json.loads(data.read_text()) == derive.derive(root / "bench" / "results")
+    assert data.read_text() == derive.render(derive.derive())
+    # every registered variant reads its limits from that file
+    assert set(variants.THRESHOLDS) == set(variants.names())
+    assert all(variants.thresholds_for(n) == variants.THRESHOLDS[n] for n in variants.names())
 
 
 # --------------------------------------------------------------------------------- quantized
