@@ -345,7 +345,7 @@ def int8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("int8-ckpt") / "small-gpt2"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, **QUANTIZABLE)).eval().save_pretrained(path)
-    save_tokenizer_files(path)
+    save_tokenizer_files(path, QUANTIZABLE["n_positions"])
     return path
 
 
@@ -380,8 +380,8 @@ def test_export_refuses_a_variant_that_fails_the_real_verify(int8_checkpoint: Pa
 
     build = fused.build_fused_graph
 
-    def damaged_build(model, out_dir, precision):
-        variant = build(model, out_dir, precision)
+    def damaged_build(model, out_dir, precision, **kwargs):
+        variant = build(model, out_dir, precision, **kwargs)
         graph = Path(out_dir) / variant.graph
         proto = onnx.load(str(graph))
         init = next(i for i in proto.graph.initializer if i.name == DAMAGED_SCALES)
