@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 6): one `device run` call of under 8 minutes on a lent H200.
+# The prepared GPU check: one `device run` call of under 10 minutes on a lent H200.
 #
-#   bash bench/gpu_check.sh --stage     copy the wheel parts carried in this call to
-#                                       /tmp/gpt2-gpu-stage (earlier calls' parts stay there)
-#   bash bench/gpu_check.sh             stage, join + check + install the wheels, then: gpu
-#                                       tests, export random-init gpt2-large (fp32 + fp16),
-#                                       verify on CUDA, benchmark against PyTorch
-#   bash bench/gpu_check.sh --dry-run   everything but CUDA, here: local packages, tiny preset,
-#                                       CPU, a few steps (wheels are joined/installed into a
-#                                       throwaway folder when parts are present, then unused)
-# Options: --wheels DIR (default .gpu-wheels), --out DIR (default $OUT, else /tmp/gpt2-gpu-out).
-# Results in OUT: gpu-check.log (everything, pytest included), env.txt, verify.json,
-# gpu-bench.json, gpu-bench.md. bench/GPU.md has the call sequence and carry lists.
+#   bash bench/gpu_check.sh --stage [OUT]    copy the wheel parts carried in this call to
+#                                            /tmp/gpt2-gpu-stage (earlier calls' parts stay)
+#   bash bench/gpu_check.sh [OUT]            stage, join + check + install the wheels, then:
+#                                            gpu tests, export random-init gpt2-large (fp32,
+#                                            fp16, fp16-fused), verify on CUDA, benchmark
+#                                            against PyTorch on the same GPU
+#   bash bench/gpu_check.sh --dry-run [OUT]  everything but CUDA, here: local packages, tiny
+#                                            preset, CPU, a few steps (wheels are joined and
+#                                            installed into a throwaway folder when parts are
+#                                            present, then unused)
+# OUT: the output folder (also --out DIR; default $OUT, else /tmp/gpt2-gpu-out). Options:
+# --wheels DIR (default .gpu-wheels). Results in OUT: gpu-check.json (steps, verify verdicts,
+# benchmark rows: the one summary), gpu-check.md (its table, also printed at the end),
+# gpu-check.log (every step's full output), env.txt, verify.json, gpu-bench.json,
+# gpu-bench.md. Only one line per step and the summary table reach stdout.
+# bench/GPU.md has the call sequence and carry lists.
 set -uo pipefail
 
 mode=full
@@ -23,30 +28,38 @@ while [[ $# -gt 0 ]]; do
     --stage) mode=stage; shift ;;
     --wheels) wheels="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    *) out="$1"; shift ;;
   esac
 done
 
+mkdir -p "$out" && out="$(cd "$out" && pwd)"  # absolute: the script changes directory
 cd "$(dirname "$0")/.." || exit 1
 repo="$PWD"
 stage=/tmp/gpt2-gpu-stage
 work=/tmp/gpt2-gpu-work
 mkdir -p "$out" "$stage" "$work"
 log="$out/gpu-check.log"
-failed=()
+steps_tsv="$out/steps.tsv"  # name, rc, seconds of each step (gpu_summary.py reads it)
+: > "$steps_tsv"
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$log"; }
-# step NAME SECONDS CMD...: run with a time limit, log it, remember a failure, go on.
+# step NAME SECONDS CMD...: run with a time limit, log its output, remember a failure, go on.
+# stdout gets one line per step; a failing step's last lines go there too.
+# Safe to run in the background (`step ... &`): results go to steps.tsv, not shell variables.
 step() {
   local name="$1" limit="$2"; shift 2
-  local t0=$SECONDS rc
-  say "== $name (limit ${limit}s)"
+  local t0=$SECONDS rc tmp
+  tmp="$(mktemp "$out/step.XXXXXX")"
   # bash -c so that the shell functions below (exported with export -f) can be limited too
-  timeout --kill-after=10 "$limit" bash -c '"$@"' bash "$@" 2>&1 | tee -a "$log"
-  rc=${PIPESTATUS[0]}
+  timeout --kill-after=10 "$limit" bash -c '"$@"' bash "$@" > "$tmp" 2>&1
+  rc=$?
+  { echo "[$(date +%H:%M:%S)] == $name (limit ${limit}s)"; cat "$tmp"; } >> "$log"
   say "== $name: rc=$rc in $((SECONDS - t0)) s"
-  [[ $rc -eq 0 ]] || failed+=("$name(rc=$rc)")
+  [[ $rc -eq 0 ]] || tail -n 15 "$tmp"
+  rm -f "$tmp"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$steps_tsv"
   return "$rc"
 }
 
@@ -113,14 +126,14 @@ if [[ $mode == dry ]]; then
     say "no wheel parts in $wheels: install step not exercised"
   fi
   device=cpu; preset=tiny; contexts=8,200; batches=1,2; steps=4; vsteps=4
-  pytest_args=(-q -p no:cacheprovider tests/test_cuda.py)
+  pytest_args=(-q -p no:cacheprovider tests/test_cuda.py -k "not padded and not fused")
 else
-  step "install wheels" 120 install_wheels /tmp/site || { say "FAILED: ${failed[*]}"; exit 1; }
+  step "install wheels" 90 install_wheels /tmp/site || { say "FAILED: install wheels"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH
   LD_LIBRARY_PATH="$(nvidia_libs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export LD_LIBRARY_PATH
-  device=cuda; preset=gpt2-large; contexts=8,900; batches=1,8; steps=64; vsteps=32
+  device=cuda; preset=gpt2-large; contexts=8,900; batches=1,8; steps=64; vsteps=16
   # -o addopts drops pyproject's default "-m 'not gpu ...'" so that -m gpu selects them
   pytest_args=(-q -m gpu -p no:cacheprovider -o "addopts=--strict-markers" tests/test_cuda.py)
 fi
@@ -141,38 +154,43 @@ import onnxruntime as ort
 print("providers", ort.get_available_providers())
 EOF
 } > "$out/env.txt" 2>&1
-cat "$out/env.txt" | tee -a "$log"
+cat "$out/env.txt" >> "$log"
+say "env: $(grep -E '^(onnxruntime|torch) ' "$out/env.txt" | cut -d' ' -f1,2 | paste -sd' ' -); $(grep '^providers' "$out/env.txt")"
 
-# ------------------------------------------------------------------ tests
-step "pytest ${pytest_args[*]}" 150 python3 -m pytest "${pytest_args[@]}"
+# ------------------------------------------------------------------ tests, beside the export
+# The gpu tests use the GPU and small models; the export is CPU work: run them together.
+step "pytest ${pytest_args[*]}" 240 python3 -m pytest "${pytest_args[@]}" &
+tests_pid=$!
 
-# ------------------------------------------------------------------ export fp32 + fp16
+# ------------------------------------------------------------------ export fp32 + fp16 + fp16-fused
 model="$work/random-$preset"
-step "export $preset fp32" 200 gpt2 export --random-init "$preset" --out "$model" --force --no-verify \
-  --precision fp32
-step "add fp16 variant" 150 python3 -c \
-  'import sys; from gpt2_onnx.export.fp16 import add_fp16_variant; print(add_fp16_variant(sys.argv[1]))' \
-  "$model"
-ls -la "$model" | tee -a "$log"
+precisions=fp32,fp16,fp16-fused
+step "export $preset $precisions" 270 gpt2 export --random-init "$preset" --out "$model" \
+  --precision "$precisions" --force --no-verify
+ls -la "$model" >> "$log"
+wait "$tests_pid"
 
 # ------------------------------------------------------------------ verify on the device
 if python3 -c 'import gpt2_onnx.export.verify' 2>/dev/null; then
-  step "verify --device $device" 180 gpt2 verify "$model" --device "$device" --steps "$vsteps" \
+  step "verify --device $device" 120 gpt2 verify "$model" --device "$device" --steps "$vsteps" \
     --report "$out/verify.json"
 else
-  say "SKIPPED verify: gpt2_onnx.export.verify is not in this tree yet"
-  [[ $mode == dry ]] || failed+=("verify(missing)")
+  say "SKIPPED verify: gpt2_onnx.export.verify is not in this tree"
+  printf 'verify (missing)\t1\t0\n' >> "$steps_tsv"
 fi
 
 # ------------------------------------------------------------------ benchmark
 bench_args=("$model" --out "$out" --device "$device" --batches "$batches" --contexts "$contexts"
-  --steps "$steps")
+  --steps "$steps" --precisions "$precisions")
 [[ $mode == dry ]] && bench_args+=(--threads 2)
-step "benchmark" 240 python3 bench/gpu_bench.py "${bench_args[@]}"
+step "benchmark" 110 python3 bench/gpu_bench.py "${bench_args[@]}"
 
 rm -rf "$work"
-if [[ ${#failed[@]} -gt 0 ]]; then
-  say "FAILED: ${failed[*]}"
+# ------------------------------------------------------------------ the one table
+python3 bench/gpu_summary.py "$out" --mode "$mode" | tee -a "$log"
+failed="$(awk -F'\t' '$2 != 0 {printf "%s(rc=%s) ", $1, $2}' "$steps_tsv")"
+if [[ -n $failed ]]; then
+  say "FAILED: $failed"
   exit 1
 fi
 say "all steps passed; results in $out"

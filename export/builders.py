@@ -64,6 +64,15 @@ def build_fp16(model: Any, out_dir: Path, spec: VariantSpec) -> Variant:
     return replace(build_fp16_variant(out_dir), precision=spec.name)
 
 
+def build_fp16_fused(model: Any, out_dir: Path, spec: VariantSpec) -> Variant:
+    """The fused GroupQueryAttention graph in float16 (the CUDA path)."""
+    from gpt2_onnx.export.fused import build_fp16_fused_variant
+
+    return replace(build_fp16_fused_variant(model, out_dir, graph_name=spec.graph),
+                   precision=spec.name)
+
+
 for _name in ("fp32-fused", "int8", "int4"):
     register_builder(_name, build_fused)
 register_builder("fp16", build_fp16)
+register_builder("fp16-fused", build_fp16_fused)

@@ -13,8 +13,9 @@ logits stay float32 (ConcatDecoder hands float32 logits to sampling either way).
 
 The graph also gets an extra output, LAST_LOGITS ([batch, vocab] float32, the last position),
 so a runtime can bring only that row to the host at prefill instead of [batch, seq, vocab]
-(bench/GPU.md); a runtime that knows it binds it at prefill (runtime/decoder.py). Runtimes that do
-not know it never bind it.
+(bench/GPU.md); a runtime that knows it binds it at prefill (runtime/decoder.py). Runtimes
+that do not know it never bind it. optimum's fp32 graph gets the same output at export
+(pipeline.add_last_logits); an older export's graph gets it here.
 
 onnxruntime's float16 converter does the conversion (onnxruntime.transformers.float16); this
 module only chooses what stays fp32 and tidies the casts it inserts.
@@ -44,35 +45,45 @@ def build_fp16_variant(model_dir: Path, fp32: Variant | None = None) -> Variant:
     """Convert the fp32 graph in `model_dir` to FP16_GRAPH (+ FP16_DATA when large) beside it.
 
     fp32: the directory's fp32 Variant (optimum's graph); default model.onnx with optimum's names.
-    Returns the fp16 Variant (same tensor names, KV dtype float16, logits float32). Raises
-    ValueError when the graph is not one this conversion understands (no LayerNormalization op,
-    i.e. LayerNorm decomposed by an opset < 17 export).
+    Returns the fp16 Variant (same tensor names, KV dtype float16, logits float32) carrying the
+    fp16 thresholds (not fp32's). Raises ValueError when the graph is not one this conversion
+    understands (no LayerNormalization op, i.e. LayerNorm decomposed by an opset < 17 export).
     """
+    model_dir = Path(model_dir)
+    fp32 = fp32 or Variant("fp32", "model.onnx", (), "float32", VariantIO())
+    io = fp32.io
+    keep = [io.logits, LAST_LOGITS]  # float32 outputs (LAST_LOGITS when the graph has it)
+    model = convert_to_fp16(model_dir / fp32.graph, keep)
+    if LAST_LOGITS not in {o.name for o in model.graph.output}:  # an export before it existed
+        add_last_logits_output(model.graph, io.logits, LAST_LOGITS)
+    data = save_graph(model, model_dir, FP16_GRAPH, FP16_DATA)
+    variant = Variant(precision="fp16", graph=FP16_GRAPH, data=data, dtype="float16",
+                      io=replace(io, logits_last=LAST_LOGITS),
+                      thresholds=variants.thresholds_for("fp16"))
+    check_fp16_io(model_dir / FP16_GRAPH, variant)
+    return variant
+
+
+def convert_to_fp16(src: Path, keep_io_types: list[str]) -> Any:
+    """The float32 graph at `src` as a float16 ModelProto, with LayerNorm, Softmax and the
+    residual stream kept float32 (see the module docstring); `keep_io_types` name the graph
+    inputs/outputs that stay float32 (names the graph lacks are ignored)."""
     import onnx
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model_dir = Path(model_dir)
-    fp32 = fp32 or Variant("fp32", "model.onnx", (), "float32", VariantIO())
-    src = model_dir / fp32.graph
-    io = fp32.io
     structure = onnx.load(str(src), load_external_data=False)  # nodes only: cheap at any size
     keep_fp32 = fp32_node_names(structure)
+    names = {v.name for v in [*structure.graph.input, *structure.graph.output]}
     del structure
     # A path (not a proto) lets the converter run shape inference on graphs over 2 GB.
     model = float16.convert_float_to_float16(
-        str(src), keep_io_types=[io.logits],
+        str(src), keep_io_types=[n for n in keep_io_types if n in names],
         op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *BLOCKED_OPS],
         node_block_list=keep_fp32)
     OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
     drop_cast_round_trips(model.graph)
-    add_last_logits_output(model.graph, io.logits, LAST_LOGITS)
-    data = _save(model, model_dir)
-    variant = Variant(precision="fp16", graph=FP16_GRAPH, data=data, dtype="float16",
-                      io=replace(io, logits_last=LAST_LOGITS),
-                      thresholds=dict(fp32.thresholds))
-    check_fp16_io(model_dir / FP16_GRAPH, variant)
-    return variant
+    return model
 
 
 def fp32_node_names(model: Any) -> list[str]:
@@ -149,24 +160,25 @@ def add_last_logits_output(graph: Any, logits: str = "logits", name: str = LAST_
         name, src.type.tensor_type.elem_type, ["batch_size", "vocab_size"]))
 
 
-def _save(model: Any, model_dir: Path) -> tuple[str, ...]:
-    """Write FP16_GRAPH (and FP16_DATA when the weights are large); returns the data files."""
+def save_graph(model: Any, model_dir: Path, graph_name: str, data_name: str
+               ) -> tuple[str, ...]:
+    """Write `graph_name` (and `data_name` when the weights are large); returns the data files."""
     import onnx
 
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    graph = model_dir / FP16_GRAPH
+    graph = model_dir / graph_name
     if weight_bytes <= EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(graph))
         return ()
-    (model_dir / FP16_DATA).unlink(missing_ok=True)  # save appends to an existing data file
+    (model_dir / data_name).unlink(missing_ok=True)  # save appends to an existing data file
     onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=FP16_DATA, size_threshold=1024)
-    return (FP16_DATA,)
+                    location=data_name, size_threshold=1024)
+    return (data_name,)
 
 
 def check_fp16_io(graph: Path, variant: Variant) -> None:
     """ValueError unless the saved graph's I/O is typed as the variant says: KV float16,
-    logits float32, integer inputs int64."""
+    logits (and the last-row logits, if any) float32, integer inputs int64."""
     import onnx
     from onnx import TensorProto
 
@@ -176,8 +188,9 @@ def check_fp16_io(graph: Path, variant: Variant) -> None:
     io = variant.io
     n_layer = sum(1 for name in types if name.startswith(io.past_key.split("{i}")[0])
                   and name.endswith(io.past_key.split("{i}")[1]))
-    want = {io.logits: TensorProto.FLOAT, LAST_LOGITS: TensorProto.FLOAT,
+    want = {io.logits: TensorProto.FLOAT, io.logits_last: TensorProto.FLOAT,
             io.input_ids: TensorProto.INT64, io.attention_mask: TensorProto.INT64}
+    want.pop("", None)  # names a graph does not have (fused: no mask, no extra last-row output)
     for name in [*io.kv_inputs(n_layer), *io.kv_outputs(n_layer)]:
         want[name] = TensorProto.FLOAT16
     bad = [f"{n}: {TensorProto.DataType.Name(types[n]) if n in types else 'missing'}, "

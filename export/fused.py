@@ -376,3 +376,71 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str,
         io=FUSED_IO,
     )
 
+
+
+FP16_FUSED_GRAPH = "model-fp16-fused.onnx"
+
+
+def build_fp16_fused_variant(model: Any, out_dir: Path,
+                             graph_name: str = FP16_FUSED_GRAPH) -> Variant:
+    """The fused graph in float16 (`fp16-fused`): the CUDA path, since GroupQueryAttention's CUDA
+    kernel takes fp16/bf16 only (fp32-fused, int8 and int4 cannot run it there).
+
+    The fp32 fused graph is built in a scratch folder, then converted as the fp16 variant is
+    (export/fp16.py): weights, activations, attention and the shared KV buffers in float16;
+    LayerNorm and the residual stream in float32; logits computed in fp16 and returned float32.
+    Softmax lives inside GroupQueryAttention, whose kernels accumulate it in float32.
+    """
+    import shutil
+
+    from gpt2_onnx.export.fp16 import check_fp16_io, convert_to_fp16, save_graph
+
+    out_dir = Path(out_dir)
+    scratch = out_dir / ".fp16-fused-src"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        src = build_fused_graph(model, scratch, "fp32")
+        _annotate_types(scratch / src.graph)
+        proto = convert_to_fp16(scratch / src.graph, [src.io.logits])
+        proto.graph.name = "gpt2-fused-fp16"
+        data = save_graph(proto, out_dir, graph_name, f"{graph_name}.data")
+        del proto
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    variant = Variant(precision="fp16-fused", graph=graph_name, data=data,
+                      dtype="float16", io=FUSED_IO)
+    check_fp16_io(out_dir / graph_name, variant)
+    return variant
+
+
+# Contrib ops whose output has the type of their first input (ONNX shape inference skips them).
+_SAME_TYPE_OPS = ("GroupQueryAttention", "FastGelu", "Gelu")
+
+
+def _annotate_types(graph_path: Path) -> None:
+    """Record every value's element type in the graph's value_info (weights untouched).
+
+    ONNX shape inference does not type contrib-op outputs, and the float16 converter inserts a
+    Cast in front of an fp32-kept node only where it knows the input is float16: without these
+    types a residual Add would receive fp16 from attention (a type error at load).
+    """
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for node in g.node:
+        for name in node.output:
+            if not types.get(name) and node.op_type in _SAME_TYPE_OPS:
+                types[name] = types[node.input[0]]
+    known = {v.name for v in [*proto.graph.input, *proto.graph.output]}
+    del proto.graph.value_info[:]
+    for node in proto.graph.node:
+        for name in node.output:
+            if name not in known and types.get(name):
+                proto.graph.value_info.append(helper.make_tensor_value_info(name, types[name],
+                                                                            None))
+    onnx.save(proto, str(graph_path))

@@ -16,6 +16,11 @@ Per variant (precision) and prompt it drives the code users run — `TextGenerat
 
 Each check yields one row per variant (the worst prompt named in `detail`). Memory: the reference
 model plus one onnxruntime session at a time (variants are loaded one after another).
+
+Limits come from the package (runtime/variants.py), never from the model directory: a manifest
+records the limits its export used, and a manifest value looser than the registry's is reported
+in the notes and ignored. A check that could not run (no decode step, no decisive step) is
+reported "not run" and is never a pass: a variant whose essential checks did not run fails.
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ CACHE = "cache-vs-recompute"
 BATCH = "batch-vs-single"
 CHECKS = (LOGITS_PREFILL, LOGITS_DECODE, GREEDY, SAMPLING, CACHE, BATCH)
 
-# Thresholds per precision live in the variant registry (runtime/variants.py; measured on the
-# yardstick); the export copies them into each variant's manifest entry, which overrides them
-# key by key. An unknown precision is an error, never another variant's limits.
+# Limits per precision live in the variant registry (runtime/variants.py, numbers in
+# runtime/thresholds.json, derived from bench/results by bench/derive_thresholds.py). The export
+# copies them into each variant's manifest entry as a record; verify applies the registry's,
+# whatever the manifest says. An unknown precision is an error, never another variant's limits.
+THRESHOLDS: dict[str, dict[str, float]] = variants.THRESHOLDS
+# Which way a limit loosens: True when a larger value lets more through.
+LOOSER_WHEN_LARGER = {"logits_max_abs": True, "mean_kl_max": True, "top1_margin": True,
+                      "top1_agreement_min": False}
 
 SAMPLING_TOP_K = 50  # transformers' default top_k
 SAMPLING_SEED = 1234
@@ -76,9 +86,32 @@ class Check:
     check: str  # one of CHECKS
     figure: str  # what was measured, human-readable
     threshold: str  # what it had to meet
-    passed: bool
+    passed: bool  # False whenever the check did not run
     detail: str = ""  # the worst prompt, the step, notes
     values: dict[str, float] = field(default_factory=dict)  # the figures as numbers
+    ran: bool = True  # False: nothing was measured ("not run"), never a pass
+    # False only for a check that does not apply to this variant (top-k sampling equality of an
+    # inexact variant): its "not run" does not fail the variant. Every other check must run.
+    essential: bool = True
+
+    @property
+    def status(self) -> str:
+        """"pass", "FAIL" or "not run"."""
+        if not self.ran:
+            return "not run"
+        return "pass" if self.passed else "FAIL"
+
+    @property
+    def counts(self) -> bool:
+        """Whether this row decides the verdict (all but a non-essential check not run)."""
+        return self.ran or self.essential
+
+
+def not_run(variant: str, check: str, threshold: str, why: str, essential: bool = True
+            ) -> Check:
+    """A row for a check that measured nothing: never a pass."""
+    return Check(variant, check, "not run", threshold, False, why, {}, ran=False,
+                 essential=essential)
 
 
 @dataclass
@@ -94,14 +127,21 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        """True when some check ran and every row that counts passed (an essential check that
+        did not run is a failure)."""
+        return (any(c.ran for c in self.checks)
+                and all(c.passed for c in self.checks if c.counts))
 
     def failed_checks(self) -> list[str]:
-        """'variant/check' of every failed row, e.g. ['fp32/logits-decode']."""
-        return [f"{c.variant}/{c.check}" for c in self.checks if not c.passed]
+        """'variant/check' of every failed row, e.g. ['fp32/logits-decode'], with " (not run)"
+        after an essential check that did not run."""
+        return [f"{c.variant}/{c.check}" + ("" if c.ran else " (not run)")
+                for c in self.checks if c.counts and not c.passed]
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
+        for row, check in zip(doc["checks"], self.checks, strict=True):
+            row["status"] = check.status
         doc["passed"] = self.passed
         doc["failed"] = self.failed_checks()
         return doc
@@ -112,7 +152,8 @@ class VerifyReport:
             "passed": self.passed, "steps": self.steps, "device": self.device,
             "reference": self.reference, "seconds": round(self.seconds, 1), "notes": self.notes,
             "checks": [{"variant": c.variant, "check": c.check, "figure": c.figure,
-                        "threshold": c.threshold, "passed": c.passed, "values": c.values}
+                        "threshold": c.threshold, "passed": c.passed, "status": c.status,
+                        "values": c.values}
                        for c in self.checks],
         }
 
@@ -281,40 +322,60 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 # ------------------------------------------------------------------------------------ per variant
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Gate:
-    """How one variant is judged (the registry's thresholds merged with the manifest's)."""
+    """How one variant is judged: the registry's limits for its precision."""
 
-    thresholds: dict[str, float]
+    limits: dict[str, float]
 
     @property
     def exact(self) -> bool:
-        return self.thresholds.get("top1_agreement_min", 0.0) >= 1.0
-
-    @property
-    def by_max_abs(self) -> bool:
-        return "logits_max_abs" in self.thresholds
+        """Exact variants (fp32 arithmetic in another order) must give transformers' tokens."""
+        return self.limits["top1_agreement_min"] >= 1.0
 
     def logits_ok(self, max_abs: float, kl: float) -> bool:
-        if self.by_max_abs:
-            return max_abs <= self.thresholds["logits_max_abs"]
-        return kl <= self.thresholds["mean_kl_max"]
+        """Max abs logit difference within its limit, and mean KL within its limit where the
+        variant has one (inexact variants). NaN fails both."""
+        ok = bool(max_abs <= self.limits["logits_max_abs"])
+        if "mean_kl_max" in self.limits:
+            ok = ok and bool(kl <= self.limits["mean_kl_max"])
+        return ok
 
     def logits_threshold(self) -> str:
-        if self.by_max_abs:
-            return f"max abs <= {self.thresholds['logits_max_abs']:.0e}"
-        return f"mean KL <= {self.thresholds['mean_kl_max']:.0e}"
+        text = f"max abs <= {_limit(self.limits['logits_max_abs'])}"
+        if "mean_kl_max" in self.limits:
+            text = f"mean KL <= {_limit(self.limits['mean_kl_max'])} and {text}"
+        return text
 
     @property
     def tie_margin(self) -> float:
-        """Top-2 logit gap below which a greedy choice may legitimately flip."""
-        return self.thresholds.get("logits_max_abs", 0.0)
+        """Top-2 logit gap below which an exact variant's greedy choice may legitimately flip."""
+        return self.limits["logits_max_abs"]
 
 
-def thresholds_for(variant: Variant) -> dict[str, float]:
-    """The registry's thresholds of the variant's precision, overridden by the manifest's."""
-    base = variants.thresholds_for(variant.precision)  # ValueError when unknown
-    return {**base, **{k: float(v) for k, v in variant.thresholds.items()}}
+def _limit(x: float) -> str:
+    """A limit as written in runtime/thresholds.json (never rounded: 0.0015, not 2e-03)."""
+    return repr(float(x))
+
+
+def limits_for(variant: Variant) -> tuple[dict[str, float], list[str]]:
+    """The registry's limits for the variant's precision, and notes on manifest values that
+    differ from them. ValueError for a precision the registry does not know.
+
+    The manifest's `thresholds` only record what its export used: a looser value there is
+    reported and ignored, so a model directory cannot weaken its own verification.
+    """
+    limits = variants.thresholds_for(variant.precision)
+    notes = []
+    for key, value in sorted(variant.thresholds.items()):
+        if key not in limits or value == limits[key]:
+            continue  # keys verify does not use (e.g. an older export's ppl_change_max)
+        ours = limits[key]
+        looser = value > ours if LOOSER_WHEN_LARGER[key] else value < ours
+        how = "looser than" if looser else "differs from"
+        notes.append(f"{variant.precision}: the manifest's {key} {_limit(value)} {how} the "
+                     f"package's {_limit(ours)}: ignored, the package's limit applies")
+    return limits, notes
 
 
 @dataclass
@@ -400,8 +461,9 @@ def logits_checks(precision: str, gate: _Gate, results: list[_PromptResult]) -> 
     steps = [(r.name, j + 1, a, k) for r in results
              for j, (a, k) in enumerate(zip(r.decode_abs, r.decode_kl, strict=True))]
     if not steps:
-        rows.append(Check(precision, LOGITS_DECODE, "no decode step (EOS at once)",
-                          gate.logits_threshold(), True, "", {}))
+        rows.append(not_run(precision, LOGITS_DECODE, gate.logits_threshold(),
+                            "no decode step: transformers stopped (EOS) right after every "
+                            "prompt's prefill; use other prompts or more --steps"))
         return rows
     worst = max(steps, key=lambda s: s[2][0])
     dec_max = worst[2][0]
@@ -438,23 +500,27 @@ def greedy_check(precision: str, gate: _Gate, results: list[_PromptResult],
         real = [d for d in divergences if not d[2]]
         ties = [d for d in divergences if d[2]]
         detail = (f"{len(results)} prompts, {total} tokens"
-                  + (f"; near-ties (top-2 gap < {gate.tie_margin:.0e}) at "
+                  + (f"; near-ties (top-2 gap < {_limit(gate.tie_margin)}) at "
                      + ", ".join(f"{d[0]!r} step {d[1]}" for d in ties) if ties else ""))
         figure = "identical" if not divergences else where
         return Check(precision, GREEDY, figure, "identical to transformers", not real, detail,
                      values)
     # A flip where the reference's own top-2 gap is inside the variant's quantization noise is
     # not a disagreement: on flat distributions (random weights) most steps are such near-ties.
-    need = gate.thresholds["top1_agreement_min"]
-    margin = gate.thresholds.get("top1_margin", 0.0)
+    need = gate.limits["top1_agreement_min"]
+    margin = gate.limits["top1_margin"]
+    threshold = f"decisive agreement >= {_limit(need)} (top-2 gap >= {_limit(margin)})"
     decisive = [a for r in results for a, g in zip(r.top1, r.gaps, strict=True) if g >= margin]
-    decisive_rate = float(np.mean(decisive)) if decisive else 1.0
+    if not decisive:
+        return not_run(precision, GREEDY, threshold,
+                       f"no decisive step: transformers' top-2 gap was below {_limit(margin)} "
+                       f"at all {len(agree)} teacher-forced steps (all agreement {rate:.1%}); "
+                       "use other prompts or more --steps")
+    decisive_rate = float(np.mean(decisive))
     values.update(decisive_agreement=decisive_rate, decisive_steps=float(len(decisive)))
     return Check(precision, GREEDY,
                  f"top-1 agreement {rate:.1%} (all), {decisive_rate:.1%} on {len(decisive)} "
-                 f"decisive steps; {where}",
-                 f"decisive agreement >= {need:.0%} (top-2 gap >= {margin:g})",
-                 decisive_rate >= need,
+                 f"decisive steps; {where}", threshold, decisive_rate >= need,
                  f"{len(agree)} teacher-forced steps over {len(results)} prompts", values)
 
 
@@ -510,9 +576,12 @@ def sampling_check(precision: str, gen: Any, model: Any, prompts: Sequence[Promp
                              + ("" if in_top_k else f"; {token} is outside PyTorch's top-"
                                 f"{SAMPLING_TOP_K}"))
             seen.append(token)  # the sequence is the runtime's
+    threshold = f"all equal, all in top-{SAMPLING_TOP_K}"
+    if compared == 0:
+        return not_run(precision, SAMPLING, threshold, "the runtime sampled no token")
     ok = mismatched == 0 and outside == 0
     figure = f"{compared - mismatched}/{compared} equal, {outside} outside top-{SAMPLING_TOP_K}"
-    return Check(precision, SAMPLING, figure, f"all equal, all in top-{SAMPLING_TOP_K}", ok,
+    return Check(precision, SAMPLING, figure, threshold, ok,
                  first_bad or f"seed {SAMPLING_SEED}, {len(prompts)} prompts",
                  {"compared": float(compared), "mismatched": float(mismatched),
                   "outside_top_k": float(outside)})
@@ -538,9 +607,9 @@ def batch_check(precision: str, gate: _Gate, gen: Any, batch: Sequence[Prompt],
     if gate.exact:
         return Check(precision, BATCH, first or "identical", "identical", first is None,
                      detail, {"agreement": rate})
-    need = gate.thresholds["top1_agreement_min"]
+    need = gate.limits["top1_agreement_min"]
     return Check(precision, BATCH, f"agreement {rate:.1%}" + (f"; {first}" if first else ""),
-                 f"agreement >= {need:.0%}", rate >= need, detail, {"agreement": rate})
+                 f"agreement >= {_limit(need)}", rate >= need, detail, {"agreement": rate})
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -603,9 +672,18 @@ def run_verify(
 def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], reference: Any,
                      singles: list[Prompt], batch: list[Prompt], steps: int, device: str,
                      threads: int | None, say: Callable[[str], None]) -> VerifyReport:
-    from gpt2_onnx.runtime.generator import TextGenerator
+    from gpt2_onnx.runtime.device import resolve_device
+    from gpt2_onnx.runtime.generator import TextGenerator, check_cuda_variant
 
     new_tokens = steps + 1
+    # Before the (slow) reference: every precision has limits, and can run on the device.
+    resolved = resolve_device(device)
+    gates, notes = {}, []
+    for precision in chosen:
+        check_cuda_variant(manifest.variants[precision], resolved)
+        limits, differing = limits_for(manifest.variants[precision])
+        gates[precision] = _Gate(limits)
+        notes.extend(differing)
     say("loading the transformers reference")
     model, where = load_reference_model(manifest, reference)
     _quiet_transformers()
@@ -618,10 +696,11 @@ def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], referenc
         model_dir=str(root), reference=where, steps=steps, device=device,
         prompts=[{"name": p.name, "tokens": len(p.ids), "batch": False} for p in singles]
         + [{"name": p.name, "tokens": len(p.ids), "batch": True} for p in batch])
+    report.notes.extend(notes)
     for precision in chosen:
         say(f"{precision}: loading the ONNX session")
         gen = TextGenerator.load(root, device=device, precision=precision, threads=threads)
-        gate = _Gate(thresholds_for(gen.decoder.variant))
+        gate = gates[precision]
         results = []
         for p, ref in zip(singles, refs, strict=True):
             say(f"{precision}: runtime on {p.name!r}")
@@ -631,7 +710,12 @@ def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], referenc
         if gate.exact:
             say(f"{precision}: top-k sampling")
             report.checks.append(sampling_check(precision, gen, model, singles, new_tokens,
-                                                gate.thresholds.get("logits_max_abs", 0.0)))
+                                                gate.limits["logits_max_abs"]))
+        else:
+            report.checks.append(not_run(
+                precision, SAMPLING, f"all equal, all in top-{SAMPLING_TOP_K}",
+                "inexact variant: its logits differ from PyTorch's by design, so seeded draws "
+                "may differ; checked on exact variants only", essential=False))
         report.checks.append(cache_check(precision, gate, results))
         say(f"{precision}: batch vs single")
         report.checks.append(batch_check(precision, gate, gen, batch, new_tokens))
@@ -688,9 +772,13 @@ def report_table(report: VerifyReport) -> Any:
     table = Table(title=f"verify {report.model_dir}", caption="\n".join(caption))
     for col in ("check", "variant", "figure", "threshold", "result"):
         table.add_column(col)
+    styles = {"pass": "[green]pass[/]", "FAIL": "[bold red]FAIL[/]",
+              "not run": "[yellow]not run[/]"}
     for c in report.checks:
-        table.add_row(c.check, c.variant, c.figure, c.threshold,
-                      "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
+        shown = styles[c.status]
+        if c.status == "not run" and c.essential:
+            shown = "[bold red]not run (FAIL)[/]"
+        table.add_row(c.check, c.variant, c.figure, c.threshold, shown)
     return table
 
 

@@ -23,6 +23,12 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 # Device name -> its onnxruntime execution provider.
 PROVIDERS = {"cpu": CPU_PROVIDER, "cuda": CUDA_PROVIDER}
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")  # what users may write (help text)
+# Provider options every session of a device gets unless its Device overrides them.
+# CUDA: TF32 off. onnxruntime's CUDA provider turns it on by default (`use_tf32`), rounding fp32
+# matmul inputs to 10-bit mantissas; PyTorch keeps TF32 off for fp32 matmuls. With it on, fp32
+# variants miss verify's fp32 limit and fp32 speed figures against PyTorch compare different
+# arithmetic. `Device("cuda").with_options(use_tf32="1")` (TextGenerator.load(tf32=True)) opts in.
+DEFAULT_OPTIONS: dict[str, dict[str, str]] = {"cuda": {"use_tf32": "0"}}
 CUDA_FIX = (
     "install the GPU runtime (pip uninstall onnxruntime; pip install 'gpt2-onnx[gpu]') on a "
     "machine with an NVIDIA driver and CUDA 12/13 libraries, or use --device cpu"
@@ -59,10 +65,12 @@ class Device:
         return self.name
 
     def providers(self) -> list[Any]:
-        """The `providers` argument of onnxruntime.InferenceSession (CPU as the fallback)."""
+        """The `providers` argument of onnxruntime.InferenceSession (CPU as the fallback);
+        DEFAULT_OPTIONS of the device first, then this Device's own."""
         if self.name == "cpu":
             return [CPU_PROVIDER]
-        options = {"device_id": str(self.id), **self.provider_options}
+        options = {"device_id": str(self.id), **DEFAULT_OPTIONS.get(self.name, {}),
+                   **self.provider_options}
         return [(self.provider, options), CPU_PROVIDER]
 
     def with_options(self, **options: str) -> Device:

@@ -100,7 +100,7 @@ class TextGenerator:
     @classmethod
     def load(cls, model_dir: str | Path, device: str | Device = "auto",
              precision: str | None = None, threads: int | None = None,
-             fast_load: bool = False) -> TextGenerator:
+             fast_load: bool = False, tf32: bool = False) -> TextGenerator:
         """Read the manifest, the tokenizer and one variant's graph.
 
         device: "auto" (CUDA when onnxruntime-gpu can use it, else CPU), "cpu", "cuda",
@@ -110,6 +110,8 @@ class TextGenerator:
         threads: intra-op threads; default the physical cores.
         fast_load: skip weight prepacking (fp32 variants only): random gpt2-large fp32-fused
           loads in 0.5 s instead of 4.5 s and peaks at its weights' size, decoding ~6 % slower.
+        tf32: allow TF32 matmuls on CUDA (faster fp32, no longer PyTorch's fp32 numbers); off
+          by default (runtime/device.py DEFAULT_OPTIONS), no effect on CPU.
         """
         threads = check_threads(threads)
         fast_load = check_bool("fast_load", fast_load)
@@ -117,6 +119,9 @@ class TextGenerator:
         manifest = read_manifest(root)
         resolved = resolve_device(device)
         variant = pick_variant(manifest, precision, resolved)
+        check_cuda_variant(variant, resolved)
+        if tf32 and resolved.name == "cuda":
+            resolved = resolved.with_options(use_tf32="1")
         if fast_load and not variants.get(variant.precision).fast_load:
             allowed = [n for n in variants.names() if variants.get(n).fast_load]
             raise ValueError(
@@ -464,6 +469,19 @@ def pick_variant(manifest: Manifest, precision: str | None, device: Device) -> V
         if p in manifest.variants:
             return manifest.variants[p]
     return manifest.variants[available[0]]
+
+
+def check_cuda_variant(variant: Variant, device: Device) -> None:
+    """ValueError for a fused (GroupQueryAttention) variant that is not float16 on CUDA: the
+    CUDA kernel of GroupQueryAttention is fp16/bf16 only, so onnxruntime would run those nodes
+    on the CPU and copy the KV buffers across every step, or fail. Read from the manifest's
+    variant (kv layout, dtype), so directories exported before the registry are checked too."""
+    if (device.name == "cuda" and variant.io.kv_layout == "shared"
+            and variant.dtype != "float16"):
+        raise ValueError(
+            f"precision {variant.precision!r} cannot run on CUDA (its GroupQueryAttention has "
+            "no fp32 CUDA kernel); use precision 'fp16-fused' (export it with --precision "
+            "fp32,fp16-fused), or 'fp16' / 'fp32'")
 
 
 def make_decoder(session: object, manifest: Manifest, variant: Variant,

@@ -9,23 +9,27 @@ An unknown name is a ValueError everywhere (`get`).
 Torch-free on purpose: the runtime reads it, and the export package builds on it.
 
 Verify thresholds (keys; all compare a variant with PyTorch fp32 on the same input):
-  logits_max_abs      exact variants: max |logit difference| (gates logits and cache checks)
-  top1_agreement_min  share of teacher-forced steps whose argmax equals fp32's; 1.0 = greedy
-                      tokens must be identical. For inexact variants it counts only decisive
-                      steps, where fp32's top-2 gap is >= top1_margin (nats)
-  top1_margin         see above
-  mean_kl_max         mean KL(fp32 || variant) over positions, nats
-  ppl_change_max      |perplexity / fp32 perplexity - 1| on the same text (bench/quality.py)
-Random-init weights give nearly flat distributions, on which quantization looks harmless; the
-limits come from a trained model instead: bench/train_yardstick.py trains it, bench/quality.py
-measures each variant against PyTorch fp32 on held-out text (bench/results/quality.md). The
-export copies an entry's thresholds into the manifest's variant. Re-run both scripts when a
-variant's recipe changes and update the figures quoted beside each entry.
+  logits_max_abs      max |logit difference| at prefill, every decode step and cached vs
+                      recomputed (every variant)
+  mean_kl_max         inexact variants: mean KL(fp32 || variant), nats
+  top1_agreement_min  1.0 = exact: greedy tokens must be identical. Inexact variants: the share
+                      of teacher-forced steps whose argmax equals fp32's, counting only decisive
+                      steps (fp32's top-2 gap >= top1_margin nats: a flip inside the noise is
+                      not a disagreement); also the batch-vs-single agreement
+  top1_margin         inexact variants: see above
+The numbers live in thresholds.json beside this module (THRESHOLDS), written by
+bench/derive_thresholds.py from the measurements in bench/results (the trained yardstick's
+quality table and `gpt2-onnx verify` reports), each limit with the figure and rule it came from;
+tests/test_verify.py checks the committed file equals the script's output. The export copies an
+entry's thresholds into the manifest as a record; verify applies the registry's, whatever the
+manifest says.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 FAMILIES = ("optimum", "fused")  # optimum's exported graph; our GroupQueryAttention graph
 KV_LAYOUTS = ("concat", "shared")  # see manifest.KV_LAYOUTS
@@ -55,12 +59,21 @@ class VariantSpec:
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"variant {self.name!r}: kv_layout {self.kv_layout!r} not in "
                              f"{KV_LAYOUTS}")
-        if "logits_max_abs" not in self.thresholds and "mean_kl_max" not in self.thresholds:
-            raise ValueError(f"variant {self.name!r}: thresholds need logits_max_abs (exact) "
-                             "or mean_kl_max (inexact)")
+        exact = self.thresholds.get("top1_agreement_min") == 1.0
+        want = EXACT_KEYS if exact else INEXACT_KEYS
+        if sorted(self.thresholds) != sorted(want):
+            raise ValueError(f"variant {self.name!r}: thresholds {sorted(self.thresholds)}, "
+                             f"expected {sorted(want)} ({'exact' if exact else 'inexact'})")
 
 
-_EXACT = {"logits_max_abs": 1e-3, "top1_agreement_min": 1.0}
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.json")
+EXACT_KEYS = ("logits_max_abs", "top1_agreement_min")
+INEXACT_KEYS = ("logits_max_abs", "mean_kl_max", "top1_agreement_min", "top1_margin")
+# variant -> verify's limits, as bench/derive_thresholds.py wrote them
+THRESHOLDS: dict[str, dict[str, float]] = {
+    name: {k: float(v) for k, v in entry["limits"].items()}
+    for name, entry in json.loads(THRESHOLDS_FILE.read_text(encoding="utf-8"))["variants"].items()
+}
 
 REGISTRY: dict[str, VariantSpec] = {}
 
@@ -103,49 +116,46 @@ def thresholds_for(name: str) -> dict[str, float]:
     return dict(get(name).thresholds)
 
 
-# Exact variants: the same fp32 arithmetic in another order. Measured max abs logit diff vs
-# PyTorch: 1.0e-5 on random gpt2-large (prefill, 512-token prompt), 3e-5 on tiny (logits of
-# +-30); one damaged weight moves them by > 1e-2. Greedy tokens must be identical.
+# Thresholds: see thresholds.json (each limit with the measurement and rule it came from).
+# Exact variants: the same fp32 arithmetic in another order; greedy tokens must be identical.
 register(VariantSpec(
     name="fp32", family="optimum", kv_layout="concat", weight_dtype="float32",
-    bytes_per_param=4.0, graph="model.onnx", thresholds=dict(_EXACT),
-    preference={"cpu": 1, "cuda": 1}, fast_load=True,
+    bytes_per_param=4.0, graph="model.onnx", thresholds=dict(THRESHOLDS["fp32"]),
+    preference={"cpu": 1, "cuda": 2}, fast_load=True,
     description="optimum's graph, float32 (verify's reference path)"))
 # Same numbers as fp32, faster on CPU (shared KV buffer, last-row logits). Directories exported
 # before this registry hold it as "model-fp32.onnx"; their manifests name that file and load.
 register(VariantSpec(
     name="fp32-fused", family="fused", kv_layout="shared", weight_dtype="float32",
-    bytes_per_param=4.0, graph="model-fp32-fused.onnx", thresholds=dict(_EXACT),
-    preference={"cpu": 0, "cuda": 2}, fast_load=True,
+    bytes_per_param=4.0, graph="model-fp32-fused.onnx", thresholds=dict(THRESHOLDS["fp32-fused"]),
+    preference={"cpu": 0}, fast_load=True,
     description="fused GroupQueryAttention graph, float32 (fastest exact CPU variant)"))
-# Quantized / half precision: gated on mean KL(fp32 || variant) and on top-1 agreement at
-# decisive positions (fp32's top-2 gap >= top1_margin nats; a flip inside the quantization
-# noise is not a disagreement). From bench/results/quality.md (yardstick: 7.3 M parameters,
-# 354 steps / 12 min, held-out perplexity 90.7; 16,320 held-out positions):
-# int8 (MatMulNBits 8-bit, block 32, 8-bit shared token table): mean KL 2.9e-5, top-1 0.9941
-# (1.0000 on the 88 % decisive positions), perplexity +0.012 %. Limits: KL x 10, decisive
-# top-1 - 0.01, perplexity change x 8.
+# Quantized / half precision: gated on max abs logit difference, mean KL(fp32 || variant) and
+# top-1 agreement at decisive positions. The fused graphs run GroupQueryAttention, whose CUDA
+# kernel is fp16/bf16 only: fp32-fused, int8 and int4 are refused on CUDA
+# (generator.check_cuda_variant), so they have no "cuda" preference.
+# int8: MatMulNBits 8-bit, block 32, 8-bit shared token table.
 register(VariantSpec(
     name="int8", family="fused", kv_layout="shared", weight_dtype="int8",
-    bytes_per_param=1.1, graph="model-int8.onnx",
-    thresholds={"mean_kl_max": 3e-4, "top1_agreement_min": 0.99, "top1_margin": 0.1,
-                "ppl_change_max": 1e-3},
-    preference={"cpu": 2, "cuda": 3},
+    bytes_per_param=1.1, graph="model-int8.onnx", thresholds=dict(THRESHOLDS["int8"]),
+    preference={"cpu": 2},
     description="fused graph, 8-bit weights (MatMulNBits)"))
-# int4 (MatMulNBits 4-bit, block 32, 8-bit shared token table): mean KL 1.26e-4, top-1
-# 0.9918 (1.0000 on the 76 % decisive positions), perplexity +0.028 %. Same margins.
+# int4: MatMulNBits 4-bit, block 32, 8-bit shared token table.
 register(VariantSpec(
     name="int4", family="fused", kv_layout="shared", weight_dtype="int4",
-    bytes_per_param=0.6, graph="model-int4.onnx",
-    thresholds={"mean_kl_max": 1.5e-3, "top1_agreement_min": 0.98, "top1_margin": 0.3,
-                "ppl_change_max": 3e-3},
+    bytes_per_param=0.6, graph="model-int4.onnx", thresholds=dict(THRESHOLDS["int4"]),
     preference={"cpu": 3},
     description="fused graph, 4-bit weights (MatMulNBits)"))
-# PLACEHOLDER thresholds (not measured): to be derived from a GPU quality run of fp16.
+# fp16 limits were measured on CPU (re-derive them from a GPU run: bench/GPU.md).
 register(VariantSpec(
     name="fp16", family="optimum", kv_layout="concat", weight_dtype="float16",
-    bytes_per_param=2.0, graph="model-fp16.onnx",
-    thresholds={"mean_kl_max": 1e-3, "top1_agreement_min": 0.97, "top1_margin": 0.1,
-                "ppl_change_max": 0.01},
-    preference={"cuda": 0, "cpu": 4}, fast_load=True,
+    bytes_per_param=2.0, graph="model-fp16.onnx", thresholds=dict(THRESHOLDS["fp16"]),
+    preference={"cuda": 1, "cpu": 4}, fast_load=True,
     description="optimum's graph in float16 (for CUDA)"))
+# The fused graph in float16 with the shared KV buffer: the fast CUDA path. Its export builds
+# the fp32 fused graph in a scratch folder (4 bytes/param, removed) before converting (2).
+register(VariantSpec(
+    name="fp16-fused", family="fused", kv_layout="shared", weight_dtype="float16",
+    bytes_per_param=6.0, graph="model-fp16-fused.onnx", thresholds=dict(THRESHOLDS["fp16-fused"]),
+    preference={"cuda": 0, "cpu": 5}, fast_load=True,
+    description="fused graph in float16 (fastest on CUDA)"))

@@ -53,11 +53,12 @@ def test_unknown_precision_is_an_error_everywhere(tiny_dir: Path) -> None:
     from gpt2_onnx.export.pipeline import ExportOptions, run_export
     from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
-    with pytest.raises(ValueError, match="'int3'.*known: fp32, fp32-fused, int8, int4, fp16"):
+    with pytest.raises(ValueError,
+                       match="'int3'.*known: fp32, fp32-fused, int8, int4, fp16, fp16-fused"):
         variants.get("int3")
     # verify used to give an unknown precision int4's limits
     with pytest.raises(ValueError, match="int3"):
-        verify.thresholds_for(Variant("int3", "model.onnx", (), "float32", VariantIO()))
+        verify.limits_for(Variant("int3", "model.onnx", (), "float32", VariantIO()))
     with pytest.raises(ValueError, match="int3"):
         run_export(ExportOptions(random_init="tiny", out=tiny_dir.parent / "never",
                                  precisions=("fp32", "int3")))
@@ -68,14 +69,17 @@ def test_unknown_precision_is_an_error_everywhere(tiny_dir: Path) -> None:
 
 def test_registry_entries_keep_the_previous_choices() -> None:
     # The tables this registry replaced (generator.DEFAULT_PRECISIONS, FAST_LOAD_PRECISIONS,
-    # export/thresholds.py), written out by hand.
-    assert variants.preferred("cpu") == ("fp32-fused", "fp32", "int8", "int4", "fp16")
-    assert variants.preferred("cuda") == ("fp16", "fp32", "fp32-fused", "int8")
+    # export/thresholds.py), written out by hand; fp16-fused added, and the fused graphs other
+    # than fp16-fused dropped from CUDA (GroupQueryAttention's CUDA kernel is fp16/bf16 only).
+    assert variants.preferred("cpu") == ("fp32-fused", "fp32", "int8", "int4", "fp16",
+                                         "fp16-fused")
+    assert variants.preferred("cuda") == ("fp16-fused", "fp16", "fp32")
     assert [n for n in variants.names() if variants.get(n).fast_load] == [
-        "fp32", "fp32-fused", "fp16"]
-    assert variants.thresholds_for("int8") == {"mean_kl_max": 3e-4, "top1_agreement_min": 0.99,
-                                               "top1_margin": 0.1, "ppl_change_max": 1e-3}
-    assert variants.thresholds_for("fp32-fused") == {"logits_max_abs": 1e-3,
+        "fp32", "fp32-fused", "fp16", "fp16-fused"]
+    # Limits derived by bench/derive_thresholds.py (runtime/thresholds.json)
+    assert variants.thresholds_for("int8") == {"logits_max_abs": 0.19, "mean_kl_max": 3e-4,
+                                               "top1_agreement_min": 0.99, "top1_margin": 0.1}
+    assert variants.thresholds_for("fp32-fused") == {"logits_max_abs": 1.1e-3,
                                                      "top1_agreement_min": 1.0}
     assert variants.get("fp32-fused").graph == "model-fp32-fused.onnx"
     with pytest.raises(ValueError, match="already registered"):
@@ -94,7 +98,7 @@ def throwaway_variant():
     spec = variants.VariantSpec(
         name="fp32-throwaway", family="fused", kv_layout="shared", weight_dtype="float32",
         bytes_per_param=4.0, graph="model-throwaway.onnx",
-        thresholds={"logits_max_abs": 1e-3, "top1_agreement_min": 1.0},
+        thresholds=variants.thresholds_for("fp32-fused"),
         preference={"cpu": -1}, fast_load=True)
 
     def build(model, out_dir: Path, entry: variants.VariantSpec):
@@ -206,11 +210,11 @@ def test_device_parsing_and_providers() -> None:
     gpu1 = Device("cuda", 1)
     assert str(gpu1) == "cuda:1" and str(Device("cuda")) == "cuda"
     assert gpu1.ort_device == "cuda" and gpu1.id == 1
-    assert gpu1.providers() == [("CUDAExecutionProvider", {"device_id": "1"}),
+    # CUDA sessions keep TF32 off by default (device.DEFAULT_OPTIONS); options override it.
+    assert gpu1.providers() == [("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"}),
                                 "CPUExecutionProvider"]
-    # The hook for provider options (e.g. TF32 off for fp32 variants on CUDA).
-    assert gpu1.with_options(use_tf32="0").providers()[0] == (
-        "CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"})
+    assert gpu1.with_options(use_tf32="1").providers()[0] == (
+        "CUDAExecutionProvider", {"device_id": "1", "use_tf32": "1"})
     assert resolve_device(gpu1) is gpu1
     with pytest.raises(ValueError):
         Device("cpu", 1)

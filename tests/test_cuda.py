@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import export_dir
 
 from gpt2_onnx.runtime.generator import TextGenerator
 from gpt2_onnx.runtime.session import CUDA_PROVIDER, resolve_device
@@ -46,6 +47,13 @@ def with_fp16(src: Path, dst: Path) -> Path:
 def tiny_fp16_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny export (seed 0) with fp32 and fp16 variants."""
     return with_fp16(tiny_dir, tmp_path_factory.mktemp("fp16") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_half_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset exported with fp32, fp16 and fp16-fused (no verify)."""
+    return export_dir(tmp_path_factory.mktemp("half") / "tiny", random_init="tiny",
+                      precisions=("fp32", "fp16", "fp16-fused"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -224,10 +232,13 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
 
     from gpt2_onnx.export.fp16 import LAST_LOGITS
     from gpt2_onnx.runtime.manifest import read_manifest
+    from gpt2_onnx.runtime.variants import THRESHOLDS
 
     manifest = read_manifest(tiny_fp16_dir)
     v = manifest.variants["fp16"]
     assert (v.graph, v.dtype, v.data) == ("model-fp16.onnx", "float16", ())
+    # add_fp16_variant records fp16's limits, not a copy of fp32's
+    assert v.thresholds == THRESHOLDS["fp16"] != manifest.variants["fp32"].thresholds
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_fp16_dir / v.graph)))
     g = proto.graph
     types = {x.name: x.type.tensor_type.elem_type for x in [*g.input, *g.output, *g.value_info]}
@@ -271,7 +282,101 @@ def test_fp16_last_logits_output_is_last_row(tiny_fp16_dir: Path) -> None:
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((2, 4, 0, 16), dtype=np.float16)
     logits, last = sess.run(["logits", LAST_LOGITS], feeds)
     assert last.shape == (2, 50257) and last.dtype == np.float32
+    assert np.isfinite(logits).all()  # assert_array_equal alone would call NaN == NaN equal
     np.testing.assert_array_equal(last, logits[:, -1, :])
+
+
+def test_fp16_added_to_a_directory_exported_before_last_row_logits(tiny_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """An older export's fp32 graph has no logits_last output: the fp16 conversion adds one."""
+    import json
+
+    import onnx
+
+    from gpt2_onnx.export.fp16 import LAST_LOGITS, add_fp16_variant
+    from gpt2_onnx.runtime.manifest import file_entries, read_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_dir, old)
+    proto = onnx.load(str(old / "model.onnx"))
+    keep = [o for o in proto.graph.output if o.name != LAST_LOGITS]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    onnx.save(proto, str(old / "model.onnx"))
+    doc = json.loads((old / "gpt2-onnx.json").read_text())
+    doc["variants"]["fp32"]["io"]["logits_last"] = ""
+    entry = file_entries(old, ["model.onnx"])["model.onnx"]
+    doc["files"]["model.onnx"] = {"size": entry.size, "sha256": entry.sha256}
+    (old / "gpt2-onnx.json").write_text(json.dumps(doc))
+    add_fp16_variant(old)
+    v = read_manifest(old).variants["fp16"]
+    assert v.io.logits_last == LAST_LOGITS
+    outputs = [o.name for o in onnx.load(str(old / v.graph)).graph.output]
+    assert outputs.count(LAST_LOGITS) == 1
+
+
+def test_every_variant_offers_last_row_logits(tiny_half_dir: Path) -> None:
+    """fp32 and fp16 graphs have a last-row output (prefill brings [batch, vocab] to the host);
+    the fused graphs compute only the rows asked for. Each equals the last row of all logits."""
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    manifest = read_manifest(tiny_half_dir)
+    for precision, variant in manifest.variants.items():
+        io = variant.io
+        assert io.logits_last or io.logits_rows == "last", precision
+        gen = TextGenerator.load(tiny_half_dir, device="cpu", precision=precision, threads=1)
+        ids = np.array([[464, 3139, 318, 257]], dtype=np.int64)  # [1, 4]
+        mask, pos = np.ones_like(ids), np.arange(4)[None]
+        last, _ = gen.decoder.forward(gen.decoder.start(1, 8), ids, mask, pos)
+        full, _ = gen.decoder.forward(gen.decoder.start(1, 8), ids, mask, pos, all_logits=True)
+        assert last.shape == (1, 50257) and np.isfinite(full).all(), precision
+        np.testing.assert_array_equal(last, full[:, -1, :])
+
+
+# Largest |logit| difference between a row in a left-padded batch and the same prompt alone
+# (tiny's logits span +-30): fp32 arithmetic in another order, or fp16 rounding.
+PAD_TOLERANCE = {"fp32": 1e-4, "fp16": 0.1, "fp16-fused": 0.1}
+
+
+def _teacher_forced_rows(gen: TextGenerator, prompts: list[list[int]], tokens: np.ndarray
+                         ) -> np.ndarray:
+    """Logits [rows, steps, vocab] of left-padded `prompts` decoded together, fed `tokens`."""
+    dec = gen.decoder
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)  # [b, width], left-padded
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [b, width]
+    cache = dec.start(len(prompts), width + len(tokens))
+    logits, cache = dec.forward(cache, ids, mask, pos)
+    out = [logits]
+    for tok in tokens[:-1]:
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        logits, cache = dec.forward(cache, np.full((len(prompts), 1), tok, np.int64), mask,
+                                    pos)
+        out.append(logits)
+    return np.stack(out, axis=1)  # [b, steps, vocab]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp16-fused"])
+def test_left_padded_rows_equal_unpadded_and_never_nan(tiny_half_dir: Path,
+                                                       precision: str) -> None:
+    """A 1-token prompt padded by 9 beside a 10-token one, then 6 decode steps: each row's
+    logits equal the prompt decoded alone, and NaN anywhere is a failure (the fp16 mask
+    constant must not overflow into NaN on fully masked padding rows)."""
+    gen = TextGenerator.load(tiny_half_dir, device="cpu", precision=precision, threads=1)
+    prompts = [[464, 3139, 318, 257, 1332, 286, 262, 995, 13, 383], [40]]
+    tokens = np.array([11, 290, 262, 4252, 373, 13], dtype=np.int64)
+    together = _teacher_forced_rows(gen, prompts, tokens)  # [2, 6, vocab]
+    assert np.isfinite(together).all()
+    for row, p in enumerate(prompts):
+        alone = _teacher_forced_rows(gen, [p], tokens)[0]  # [6, vocab]
+        assert np.isfinite(alone).all()
+        np.testing.assert_allclose(together[row], alone, rtol=0,
+                                   atol=PAD_TOLERANCE[precision], equal_nan=False)
+        np.testing.assert_array_equal(together[row].argmax(-1), alone.argmax(-1))
 
 
 def test_fp16_top1_agreement_with_transformers_fp32_on_cpu(tiny_fp16_dir: Path,
@@ -337,6 +442,45 @@ def test_device_cuda_without_gpu_fails_with_one_line(tiny_dir: Path) -> None:
     assert "pip install" in line and "--device cpu" in line  # how to fix it
 
 
+# --------------------------------------------------------------------------- CUDA settings
+
+
+def test_cuda_provider_keeps_tf32_off_unless_asked() -> None:
+    """onnxruntime's CUDA provider enables TF32 by default; CUDA sessions turn it off (PyTorch's
+    fp32 arithmetic) and `with_options(use_tf32="1")` (TextGenerator.load(tf32=True)) opts in.
+    Checked on the providers argument handed to onnxruntime."""
+    from gpt2_onnx.runtime.device import CPU, Device
+
+    assert Device("cuda", 1).providers() == [
+        (CUDA_PROVIDER, {"device_id": "1", "use_tf32": "0"}), "CPUExecutionProvider"]
+    opted = Device("cuda").with_options(use_tf32="1").providers()[0]
+    assert opted == (CUDA_PROVIDER, {"device_id": "0", "use_tf32": "1"})
+    assert CPU.providers() == ["CPUExecutionProvider"]
+
+
+def test_fused_graphs_other_than_fp16_fused_are_refused_on_cuda(tiny_half_dir: Path) -> None:
+    """GroupQueryAttention's CUDA kernel is fp16/bf16 only: fp32-fused, int8 and int4 are
+    refused on CUDA with one line naming fp16-fused; the others pass the check."""
+    from dataclasses import replace
+
+    from gpt2_onnx.runtime import variants as registry
+    from gpt2_onnx.runtime.device import CPU, Device
+    from gpt2_onnx.runtime.generator import check_cuda_variant
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    variants = read_manifest(tiny_half_dir).variants
+    fused32 = replace(variants["fp16-fused"], dtype="float32")
+    cuda = Device("cuda")
+    for precision in ("fp32-fused", "int8", "int4"):
+        with pytest.raises(ValueError, match=r"cannot run on CUDA .*use precision 'fp16-fused'"):
+            check_cuda_variant(replace(fused32, precision=precision), cuda)
+        check_cuda_variant(replace(fused32, precision=precision), CPU)  # fine on CPU
+    for precision in ("fp32", "fp16", "fp16-fused"):
+        check_cuda_variant(variants[precision], cuda)
+    assert registry.preferred("cuda")[0] == "fp16-fused"
+    assert not {"fp32-fused", "int8", "int4"} & set(registry.preferred("cuda"))
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 
@@ -381,3 +525,43 @@ def test_cuda_kv_cache_stays_on_device(tiny_fp16_dir: Path, precision: str) -> N
     for s, step in enumerate(per_step):
         assert_decode_traffic(gen, step, batch, past=n + s)
     assert all(p.device_name().lower() == "cuda" for p in presents)
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_logits_within_fp32_limit(tiny_dir: Path, tiny_reference: Any) -> None:
+    """TF32 off: fp32 on CUDA stays within verify's fp32 limit of PyTorch fp32 (TF32 would not)."""
+    from gpt2_onnx.runtime.variants import THRESHOLDS
+
+    gen = TextGenerator.load(tiny_dir, device="cuda", precision="fp32")
+    prompt = gen.encode("Paris will")
+    tokens = history(prompt, 32)
+    ours = forced_logits(gen, prompt, tokens)
+    ref = reference_logits(tiny_reference, prompt, tokens)
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - ref).max() <= THRESHOLDS["fp32"]["logits_max_abs"]
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_fused_agreement_and_buffers_on_device(odd_checkpoint: Path,
+                                                         odd_reference: Any,
+                                                         tmp_path: Path) -> None:
+    """fp16-fused on CUDA: >= 99 % top-1 over 256 teacher-forced steps against transformers
+    fp32, finite logits, the shared KV buffers on the GPU, padded batch rows equal alone."""
+    model_dir = export_dir(tmp_path / "odd", source=str(odd_checkpoint),
+                           precisions=("fp32", "fp16-fused"))
+    gen = TextGenerator.load(model_dir, device="cuda", precision="fp16-fused")
+    prompt = gen.encode("Paris will")
+    tokens = history(prompt, 256)
+    ours = forced_logits(gen, prompt, tokens)
+    ref = reference_logits(odd_reference, prompt, tokens)
+    assert np.isfinite(ours).all()
+    assert float((ours.argmax(-1) == ref.argmax(-1)).mean()) >= 0.99
+    cache = gen.decoder.start(1, 8)
+    assert all(b.device_name().lower() == "cuda" for b in cache.buffers.values())
+    prompts = [[464, 3139, 318, 257, 1332, 286, 262, 995, 13, 383], [40]]
+    steps = np.array([11, 290, 262, 4252, 373, 13], dtype=np.int64)
+    together = _teacher_forced_rows(gen, prompts, steps)
+    assert np.isfinite(together).all()
+    for row, p in enumerate(prompts):
+        alone = _teacher_forced_rows(gen, [p], steps)[0]
+        np.testing.assert_allclose(together[row], alone, rtol=0, atol=0.1, equal_nan=False)

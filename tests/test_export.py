@@ -100,7 +100,9 @@ def test_graph_io_names_match_manifest(which: str, request: pytest.FixtureReques
         assert f"past_key_values.{i}.key" in past and f"past_key_values.{i}.value" in past
         assert f"present.{i}.key" in present and f"present.{i}.value" in present
     assert graph_inputs == {io.input_ids, io.attention_mask, io.position_ids, *past}
-    assert graph_outputs == {io.logits, *present}
+    # logits_last: the last row only ([batch, vocab]), added after optimum's export.
+    assert io.logits_last == "logits_last"
+    assert graph_outputs == {io.logits, io.logits_last, *present}
     assert (variant.data == ()) or all((model_dir / d).is_file() for d in variant.data)
 
 

@@ -189,3 +189,92 @@ def test_limits_and_bad_input_raise(decoders):
                         np.array([[3]]))
     with pytest.raises(ValueError, match="precision"):
         fused.build_fused_graph(None, Path("/nonexistent"), "int3")
+
+
+# --------------------------------------------------------------------------- fp16-fused
+
+
+@pytest.fixture(scope="module")
+def half_decoders(models, tmp_path_factory) -> dict[str, tuple[SharedKVDecoder, Path]]:
+    """shape -> (decoder, graph file) of the fp16-fused graph (onnxruntime's CPU provider runs
+    it: ops it has no fp16 kernel for run in fp32 between inserted casts)."""
+    out = {}
+    for shape, model in models.items():
+        model_dir = tmp_path_factory.mktemp(f"{shape}-fp16-fused")
+        variant = fused.build_fp16_fused_variant(model, model_dir)
+        session = ort.InferenceSession(str(model_dir / variant.graph),
+                                       providers=["CPUExecutionProvider"])
+        c = model.config
+        dims = ModelDims(c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, c.n_positions,
+                         c.vocab_size, c.bos_token_id, c.eos_token_id)
+        out[shape] = SharedKVDecoder(session, dims, variant), model_dir / variant.graph
+    return out
+
+
+def test_fp16_fused_graph_keeps_layernorm_and_residuals_fp32(half_decoders):
+    import onnx
+    from onnx import TensorProto
+
+    decoder, path = half_decoders["odd"]
+    variant = decoder.variant
+    assert (variant.precision, variant.dtype, variant.io.kv_layout) == ("fp16-fused", "float16",
+                                                                       "shared")
+    proto = onnx.load(str(path))
+    g = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    n_layer = SHAPES["odd"][0]
+    for name in [*variant.io.kv_inputs(n_layer), *variant.io.kv_outputs(n_layer)]:
+        assert types[name] == TensorProto.FLOAT16, name
+    assert types["logits"] == TensorProto.FLOAT
+    nodes = list(g.node)
+    by_output = {o: n for n in nodes for o in n.output}
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == n_layer
+    assert all(types[n.input[i]] == TensorProto.FLOAT16 for n in gqa for i in range(5))
+    lns = [n for n in nodes if n.op_type == "LayerNormalization"]
+    assert len(lns) == 2 * n_layer + 1
+    for n in lns:  # fp32 in, straight from a residual Add (no fp16 round trip)
+        assert types[n.input[0]] == TensorProto.FLOAT and by_output[n.input[0]].op_type == "Add"
+        assert types[n.output[0]] == TensorProto.FLOAT
+    for n in (by_output[ln.input[0]] for ln in lns):
+        assert all(types[x] == TensorProto.FLOAT for x in [*n.input, *n.output]), n.name
+    weights = [n.input[1] for n in nodes if n.op_type == "MatMul" and n.input[1] in types
+               and any(t.name == n.input[1] for t in g.initializer)]
+    assert weights and all(types[w] == TensorProto.FLOAT16 for w in weights)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp16_fused_tracks_transformers(models, half_decoders, shape):
+    """Prefill logits within fp16 rounding of transformers fp32, >= 97 % top-1 over 8 x 40
+    positions, finite everywhere; a left-padded batch decodes as each prompt alone."""
+    decoder, _ = half_decoders[shape]
+    ids = np.stack(_prompts([40] * 8, seed=2))  # [8, 40]
+    logits, _ = decoder.forward(decoder.start(8, 40), ids, np.ones_like(ids),
+                                np.tile(np.arange(40), (8, 1)), all_logits=True)
+    with torch.no_grad():
+        ref = models[shape](torch.from_numpy(ids)).logits.numpy()  # [8, 40, vocab]
+    assert np.isfinite(logits).all()
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.97
+    assert np.abs(logits - ref).max() <= 0.1
+    prompts = _prompts([5, 12])
+    batch = _greedy(decoder, prompts, 8)
+    for row, p in enumerate(prompts):
+        np.testing.assert_array_equal(batch[row], _greedy(decoder, [p], 8)[0])
+
+
+def test_fp16_fused_export_passes_verify_on_cpu(tmp_path):
+    """`export --precision fp32,fp16-fused` runs the real verify (on CPU) and it passes."""
+    from conftest import export_dir
+
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    out = export_dir(tmp_path / "tiny", random_init="tiny", precisions=("fp32", "fp16-fused"),
+                     verify=True)
+    manifest = read_manifest(out)
+    assert manifest.verify["passed"] is True
+    rows = [r for r in manifest.verify["checks"] if r["variant"] == "fp16-fused"]
+    assert {r["check"] for r in rows if r["status"] == "pass"} == {
+        "logits-prefill", "logits-decode", "greedy-tokens", "cache-vs-recompute",
+        "batch-vs-single"}
+    assert not list(out.glob(".fp16-fused-src*"))  # the fp32 scratch graph is gone

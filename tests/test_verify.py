@@ -105,7 +105,8 @@ def test_reference_of_another_shape_is_refused(tiny_dir: Path, odd_checkpoint: P
 def test_inexact_variant_and_last_row_logits_are_judged_by_kl(tiny_dir: Path,
                                                                 tmp_path: Path) -> None:
     """A manifest listing the fp32 graph a second time as "int8" with io.logits_rows "last":
-    verify compares the last prefill row only, gates on KL and top-1 agreement, skips sampling."""
+    verify compares the last prefill row only, gates on KL, max abs and top-1 agreement, and
+    shows sampling as not run."""
     out = tmp_path / "tiny"
     shutil.copytree(tiny_dir, out)
     doc = json.loads((out / "gpt2-onnx.json").read_text())
@@ -116,7 +117,9 @@ def test_inexact_variant_and_last_row_logits_are_judged_by_kl(tiny_dir: Path,
     (out / "gpt2-onnx.json").write_text(json.dumps(doc))
     report = verify.run_verify(out, prompts=SHORT_PROMPTS, steps=2, precisions=["int8"])
     assert report.passed, report.failed_checks()
-    assert [c.check for c in report.checks] == [c for c in verify.CHECKS if c != verify.SAMPLING]
+    assert [c.check for c in report.checks] == list(verify.CHECKS)
+    sampling = next(c for c in report.checks if c.check == verify.SAMPLING)
+    assert sampling.status == "not run" and not sampling.essential  # does not decide
     prefill = report.checks[0]
     assert prefill.threshold.startswith("mean KL") and prefill.values["mean_kl"] < 1e-6
     greedy = next(c for c in report.checks if c.check == verify.GREEDY)
@@ -149,6 +152,33 @@ def damaged_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+def _damage(src: Path, dst: Path, precision: str, initializer: str, factor: float) -> Path:
+    """A copy of `src` with one initializer of `precision`'s graph multiplied by `factor` and the
+    manifest's hashes refreshed (only the numerics can notice)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gpt2_onnx.export.pipeline import refresh_file_entries
+
+    shutil.copytree(src, dst)
+    graph_path = dst / read_manifest(dst).variants[precision].graph
+    model = onnx.load(str(graph_path))
+    init = next(i for i in model.graph.initializer if i.name == initializer)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor),
+                                          init.name))
+    onnx.save(model, str(graph_path))
+    refresh_file_entries(dst, read_manifest(dst)).write(dst)
+    check_files(dst)
+    return dst
+
+
+def _set_manifest(model_dir: Path, edit) -> None:
+    path = model_dir / "gpt2-onnx.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
 def test_verify_fails_on_damaged_weights(damaged_dir: Path) -> None:
     report = verify.run_verify(damaged_dir, prompts=SHORT_PROMPTS, steps=3)
     assert not report.passed
@@ -156,6 +186,215 @@ def test_verify_fails_on_damaged_weights(damaged_dir: Path) -> None:
     assert "fp32/logits-prefill" in failed and "fp32/logits-decode" in failed
     row = next(c for c in report.checks if c.check == verify.LOGITS_PREFILL)
     assert row.values["max_abs"] > 1e-2  # far beyond fp32 noise
+
+
+def test_fp32_layer_off_by_a_small_amount_fails_at_the_real_limit(tiny_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """One layer's MLP weight 0.1 % too large: logits move by ~5e-3, far less than the +1.0
+    damage above, and verify's fp32 limit (the package's) catches it."""
+    out = _damage(tiny_dir, tmp_path / "tiny", "fp32", DAMAGED_WEIGHT, 1.001)
+    report = verify.run_verify(out, prompts=SHORT_PROMPTS, steps=3)
+    limit = verify.THRESHOLDS["fp32"]["logits_max_abs"]
+    row = next(c for c in report.checks if c.check == verify.LOGITS_PREFILL)
+    assert not row.passed and limit < row.values["max_abs"] < 10 * limit
+    assert "fp32/logits-prefill" in report.failed_checks() and not report.passed
+
+
+def test_manifest_cannot_loosen_the_limits(damaged_dir: Path, tmp_path: Path) -> None:
+    """A directory whose manifest says logits_max_abs 1e9 still fails a damaged model: the
+    package's limit applies, and the looser manifest value is reported."""
+    out = tmp_path / "tiny"
+    shutil.copytree(damaged_dir, out)
+
+    def loosen(doc):
+        doc["variants"]["fp32"]["thresholds"] = {"logits_max_abs": 1e9,
+                                                 "top1_agreement_min": 0.0}
+    _set_manifest(out, loosen)
+    report = verify.run_verify(out, prompts=SHORT_PROMPTS, steps=3)
+    assert not report.passed and "fp32/logits-prefill" in report.failed_checks()
+    row = next(c for c in report.checks if c.check == verify.LOGITS_PREFILL)
+    assert row.threshold == f"max abs <= {verify.THRESHOLDS['fp32']['logits_max_abs']!r}"
+    notes = [n for n in report.notes if "looser than the package's" in n]
+    assert len(notes) == 2 and any("logits_max_abs 1000000000.0" in n for n in notes)
+
+
+def test_unknown_precision_is_an_error_not_another_precisions_limits(tiny_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, out)
+
+    def add_alias(doc):
+        alias = json.loads(json.dumps(doc["variants"]["fp32"]))
+        alias["precision"] = "fp8"
+        doc["variants"]["fp8"] = alias
+    _set_manifest(out, add_alias)
+    with pytest.raises(ValueError, match=r"'fp8'.*known: fp32"):
+        verify.run_verify(out, prompts=SHORT_PROMPTS, steps=2, precisions=["fp8"])
+
+
+# --------------------------------------------------------------------------------- gates (units)
+
+
+def _result(top1: list[bool], gaps: list[float], decode: int = 2, max_abs: float = 0.0,
+            kl: float = 0.0) -> verify._PromptResult:
+    """A prompt's figures as teacher_forced would report them."""
+    return verify._PromptResult("p", (max_abs, 0.0), kl, [(max_abs, 0.0)] * decode,
+                                [kl] * decode, top1, gaps, (0.0, 0.0), 0.0, [1, 2, 3])
+
+
+def test_inexact_logits_gated_on_max_abs_as_well_as_kl() -> None:
+    limits = verify.THRESHOLDS["int8"]
+    gate = verify._Gate(limits)
+    tiny_kl = limits["mean_kl_max"] / 10
+    assert gate.logits_ok(limits["logits_max_abs"], tiny_kl)
+    assert not gate.logits_ok(limits["logits_max_abs"] * 1.01, tiny_kl)  # KL alone would pass
+    assert not gate.logits_ok(0.0, limits["mean_kl_max"] * 1.01)
+    assert not gate.logits_ok(float("nan"), tiny_kl) and not gate.logits_ok(0.0, float("nan"))
+    rows = verify.logits_checks("int8", gate, [_result([True] * 3, [5.0] * 3,
+                                                      max_abs=limits["logits_max_abs"] * 2,
+                                                      kl=tiny_kl)])
+    assert [r.passed for r in rows] == [False, False]
+    assert rows[0].threshold == (f"mean KL <= {limits['mean_kl_max']!r} and max abs <= "
+                                 f"{limits['logits_max_abs']!r}")
+
+
+def test_inexact_greedy_gated_on_decisive_top1() -> None:
+    gate = verify._Gate(verify.THRESHOLDS["int8"])
+    margin = verify.THRESHOLDS["int8"]["top1_margin"]
+    refs = [verify.RefRun(np.zeros((1, 4), np.float32), [1, 2, 3], np.zeros((3, 4), np.float32))]
+    # A flip at a near-tie does not count; a flip at a decisive step does.
+    near_tie = verify.greedy_check("int8", gate, [_result([True, False, True],
+                                                          [1.0, margin / 2, 1.0])], refs)
+    assert near_tie.passed and near_tie.values["decisive_steps"] == 2
+    decisive = verify.greedy_check("int8", gate, [_result([True, False, True],
+                                                          [1.0, margin * 2, 1.0])], refs)
+    assert not decisive.passed and decisive.values["decisive_agreement"] == pytest.approx(2 / 3)
+
+
+def test_a_check_that_did_not_run_is_never_a_pass() -> None:
+    gate = verify._Gate(verify.THRESHOLDS["int8"])
+    margin = verify.THRESHOLDS["int8"]["top1_margin"]
+    refs = [verify.RefRun(np.zeros((1, 4), np.float32), [1], np.zeros((1, 4), np.float32))]
+    # EOS right after the prefill: no decode step, and no step with a decisive top-2 gap.
+    results = [_result([True], [margin / 2], decode=0)]
+    decode = verify.logits_checks("int8", gate, results)[1]
+    greedy = verify.greedy_check("int8", gate, results, refs)
+    for row in (decode, greedy):
+        assert (row.ran, row.passed, row.status, row.figure) == (False, False, "not run",
+                                                                 "not run")
+    report = verify.VerifyReport("d", "r", 1, "cpu", [], checks=[decode])
+    assert not report.passed and report.failed_checks() == ["int8/logits-decode (not run)"]
+    # A check that does not apply to a variant (sampling equality of an inexact one) is shown as
+    # not run and does not decide; the variant still needs a check that ran and passed.
+    skipped = verify.not_run("int8", verify.SAMPLING, "-", "inexact", essential=False)
+    assert not verify.VerifyReport("d", "r", 1, "cpu", [], checks=[skipped]).passed
+    ok = verify.Check("int8", verify.CACHE, "max 0", "-", True)
+    assert verify.VerifyReport("d", "r", 1, "cpu", [], checks=[ok, skipped]).passed
+    assert verify.VerifyReport("d", "r", 1, "cpu", [], checks=[]).passed is False
+
+
+def test_limits_are_printed_unrounded() -> None:
+    gate = verify._Gate({**verify.THRESHOLDS["int4"], "mean_kl_max": 1.5e-3})
+    assert "mean KL <= 0.0015" in gate.logits_threshold()  # was shown as "2e-03"
+
+
+def test_every_limit_is_used_and_none_is_dead() -> None:
+    """Each key of the package's limits is read by verify (ppl_change_max is gone)."""
+    used = set(verify.LOOSER_WHEN_LARGER)
+    for precision, limits in verify.THRESHOLDS.items():
+        assert set(limits) <= used, precision
+        assert "ppl_change_max" not in limits
+
+
+def test_thresholds_are_reproducible_from_bench_results() -> None:
+    """runtime/thresholds.json is exactly what bench/derive_thresholds.py computes from the
+    measurements in bench/results."""
+    import importlib.util
+
+    from gpt2_onnx.runtime import variants
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("derive_thresholds",
+                                                  root / "bench" / "derive_thresholds.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    data = variants.THRESHOLDS_FILE
+    assert json.loads(data.read_text()) == derive.derive(root / "bench" / "results")
+    assert data.read_text() == derive.render(derive.derive())
+    # every registered variant reads its limits from that file
+    assert set(variants.THRESHOLDS) == set(variants.names())
+    assert all(variants.thresholds_for(n) == variants.THRESHOLDS[n] for n in variants.names())
+
+
+# --------------------------------------------------------------------------------- quantized
+
+
+# A small GPT-2 whose int8 variant passes verify at the package's limits (the tiny preset's wide
+# weights, std 0.3, give int8 a mean KL of 1.5e-3, beyond the trained yardstick's limit).
+QUANTIZABLE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, initializer_range=0.1)
+DAMAGED_SCALES = "h.1.mlp.c_fc.weight_scales"
+
+
+@pytest.fixture(scope="module")
+def int8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2_onnx.export.tokenizer import save_tokenizer_files
+
+    path = tmp_path_factory.mktemp("int8-ckpt") / "small-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, **QUANTIZABLE)).eval().save_pretrained(path)
+    save_tokenizer_files(path, QUANTIZABLE["n_positions"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_dir(int8_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_dir(tmp_path_factory.mktemp("int8") / "small", source=str(int8_checkpoint),
+                      precisions=("fp32", "int8"))
+
+
+def test_int8_passes_and_damaged_scales_fail(int8_dir: Path, tmp_path: Path) -> None:
+    fresh = verify.run_verify(int8_dir, prompts=SHORT_PROMPTS, steps=3, precisions=["int8"])
+    assert fresh.passed, fresh.failed_checks()
+    sampling = next(c for c in fresh.checks if c.check == verify.SAMPLING)
+    assert sampling.status == "not run" and not sampling.essential
+    # One layer's quantization scales 5 % off: every weight of that matmul 5 % too large.
+    out = _damage(int8_dir, tmp_path / "small", "int8", DAMAGED_SCALES, 1.05)
+    report = verify.run_verify(out, prompts=SHORT_PROMPTS, steps=3, precisions=["int8"])
+    assert not report.passed
+    assert {"int8/logits-prefill", "int8/logits-decode"} <= set(report.failed_checks())
+
+
+def test_export_refuses_a_variant_that_fails_the_real_verify(int8_checkpoint: Path,
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The int8 builder writes damaged scales; export runs the real verify and writes nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gpt2_onnx.export import fused
+    from gpt2_onnx.export.pipeline import ExportError
+
+    build = fused.build_fused_graph
+
+    def damaged_build(model, out_dir, precision, **kwargs):
+        variant = build(model, out_dir, precision, **kwargs)
+        graph = Path(out_dir) / variant.graph
+        proto = onnx.load(str(graph))
+        init = next(i for i in proto.graph.initializer if i.name == DAMAGED_SCALES)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.05),
+                                              init.name))
+        onnx.save(proto, str(graph))
+        return variant
+
+    monkeypatch.setattr(fused, "build_fused_graph", damaged_build)
+    out = tmp_path / "small"
+    with pytest.raises(ExportError, match=r"verify failed: .*int8/logits-prefill"):
+        export_dir(out, source=str(int8_checkpoint), precisions=("fp32", "int8"), verify=True)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def _broken_sample_token(original):
