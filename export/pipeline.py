@@ -227,10 +227,9 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
 
 
 def _is_exact(precision: str) -> bool:
-    """A variant computing the same fp32 arithmetic as PyTorch (gated on max |logit diff| in the
-    registry): a failed check there is a defect of the export, not a quality trade-off."""
+    """See VariantSpec.exact (False for a name the registry does not know)."""
     try:
-        return "logits_max_abs" in registry.get(precision).thresholds
+        return registry.get(precision).exact
     except ValueError:
         return False
 
