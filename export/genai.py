@@ -6,15 +6,15 @@ the search defaults. Its generic "decoder" type drives any graph whose inputs ar
 `attention_mask`, `position_ids` and a past/present KV pair per layer.
 
 optimum's fp32 graph (`model.onnx`) fits as it is. The fused GroupQueryAttention graphs do not:
-our runtime feeds them `seqlens_k`, `total_sequence_length` and `logits_index` and keeps each
-row's tokens left-aligned in the KV buffer (right padding), while onnxruntime-genai feeds only an
-attention mask. So for a fused variant the export writes a genai-facing graph beside it (`<graph stem>-genai.onnx`): the same nodes and the same weights (the same
-external data file when there is one), with a few integer ops in front that derive what the
-fused graph takes from the mask, as onnxruntime-genai's own model builder does
+our runtime feeds them `seqlens_k`, `total_sequence_length` and `logits_index`, while
+onnxruntime-genai feeds only an attention mask. So for a fused variant the export writes a
+genai-facing graph beside it (`<graph stem>-genai.onnx`): the same nodes and the same weights
+(the same external data file when there is one), with a few integer ops in front that derive
+what the fused graph takes from the mask, as onnxruntime-genai's own model builder does
 (`seqlens_k = ReduceSum(mask) - 1`, total length = the mask's width; logits for each row's last
 real token). onnxruntime-genai 0.18 right-pads a batch (its `encode_batch` does, and trailing pad
 tokens are what it reads as padding), which is the layout GroupQueryAttention and our runtime
-use: row b's tokens start at buffer position 0. Our runtime keeps its own graph, so its speed is
+use: each row's tokens start at KV position 0. Our runtime keeps its own graph, so its speed is
 unchanged.
 """
 
