@@ -241,17 +241,26 @@ def genai_available() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
-def genai_greedy(model_dir: str | Path, prompts: Sequence[Sequence[int]], new_tokens: int,
+def load_genai_model(model_dir: str | Path) -> Any:
+    """onnxruntime_genai.Model of a directory holding genai_config.json."""
+    import onnxruntime_genai as og
+
+    return og.Model(str(model_dir))
+
+
+def genai_greedy(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int,
                  *, pad_token_id: int, eos_token_id: int) -> list[list[int]]:
     """Greedy token ids from onnxruntime-genai for `prompts`, run as one batch.
 
     Rows are right-padded with `pad_token_id`, as onnxruntime-genai's own `encode_batch` pads
     them (0.18 reads trailing pad tokens as padding; left padding would be read as tokens).
     Each row is cut after its first eos (genai keeps emitting padding for finished rows).
+    model: from `load_genai_model`, or a model directory.
     """
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    if isinstance(model, (str, Path)):
+        model = load_genai_model(model)
     width = max(len(p) for p in prompts)
     batch = np.full((len(prompts), width), pad_token_id, dtype=np.int32)
     for row, ids in enumerate(prompts):

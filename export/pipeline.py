@@ -78,6 +78,9 @@ class ExportOptions:
     precisions: Sequence[str] = ("fp32",)
     verify: bool = True
     verify_steps: int = 16
+    # The variant genai_config.json points at (onnxruntime-genai); None: the fastest exported
+    # one (export/genai.py, GENAI_PREFERENCE).
+    genai_variant: str | None = None
     # Test hook: called with the stage name before each stage (simulating interruptions).
     on_stage: Callable[[str], None] | None = field(default=None, repr=False)
 
@@ -101,6 +104,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
                          "add the others beside it, e.g. --precision fp32,int8")
     if opts.random_init is None and not opts.source:
         raise ValueError("source: give a hub id, a local directory, or --random-init PRESET")
+    from gpt2_onnx.export.genai import choose_genai_variant
+
+    choose_genai_variant(opts.precisions, opts.genai_variant)  # refuse a bad choice up front
     out = output_dir(opts)
     _check_replaceable(out, opts.force)
     start = time.perf_counter()
@@ -206,7 +212,8 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
             write_tokenizer(resolved, tmp)
             resolved.model.config.save_pretrained(tmp)
             resolved.model.generation_config.save_pretrained(tmp)
-            manifest = build_manifest(out.name, resolved, variants, tmp)
+            genai = write_genai(tmp, resolved, variants, opts.genai_variant)
+            manifest = build_manifest(out.name, resolved, variants, tmp, genai)
             manifest.write(tmp)
         if opts.verify:
             _stage(opts, "verify")
@@ -407,7 +414,7 @@ def model_dims(config: Any) -> ModelDims:
 
 def package_versions() -> dict[str, str]:
     names = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-             "onnxruntime", "tokenizers")
+             "onnxruntime", "tokenizers", "onnxruntime-genai")
     versions = {}
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -421,11 +428,22 @@ def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
     return file_entries(model_dir, files)
 
 
+def write_genai(model_dir: Path, resolved: ResolvedSource, variants: dict[str, Variant],
+                requested: str | None) -> dict[str, str]:
+    """genai_config.json (+ a genai-facing graph for a fused variant) for onnxruntime-genai."""
+    from gpt2_onnx.export.genai import choose_genai_variant, write_genai_files
+
+    chosen = choose_genai_variant(list(variants), requested)
+    dims = model_dims(resolved.model.config)
+    return write_genai_files(model_dir, dims, variants[chosen]).to_json()
+
+
 def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Variant],
-                   model_dir: Path) -> Manifest:
+                   model_dir: Path, genai: dict[str, str] | None = None) -> Manifest:
     return Manifest(
         name=name, source=resolved.record, dims=model_dims(resolved.model.config),
         variants=variants, files=_directory_entries(model_dir), versions=package_versions(),
+        genai=genai,
     )
 
 

@@ -111,13 +111,17 @@ def export(
         help="Replace an existing model directory (refused if it holds files no export wrote).")
     ] = False,
     verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
+    genai_variant: Annotated[str | None, typer.Option(
+        help="Variant genai_config.json points at (onnxruntime-genai) [fastest exported: int4, "
+        "int8, fp32-fused, fp32].")] = None,
 ) -> None:
     """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""
     pipeline = _import_export("pipeline")
     progress_mod = _import_export("progress")
     opts = pipeline.ExportOptions(
         source=source, out=out, random_init=random_init, seed=seed, force=force,
-        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify)
+        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify,
+        genai_variant=genai_variant)
     with _signals_as_interrupt():
         _run_export_step(pipeline.run_export, opts, progress_mod.RichProgress(err))
 
@@ -134,12 +138,14 @@ def verify_cmd(
     = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    genai: Annotated[bool, typer.Option(
+        help="Also run onnxruntime-genai on the directory when it is installed.")] = True,
 ) -> None:
     """Check the runtime's loop against the PyTorch transformers reference."""
     verify_mod = _import_export("verify")
     result = _run_export_step(
         verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
-        precisions=precision, device=device, report_path=report, console=err)
+        precisions=precision, device=device, report_path=report, console=err, genai=genai)
     if not result.passed:
         fail(f"verify failed: {', '.join(result.failed_checks())}")
 
