@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,12 +106,12 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
         raise ValueError("source: give a hub id, a local directory, or --random-init PRESET")
     from gpt2_onnx.export.genai import choose_genai_variant
 
-    choose_genai_variant(opts.precisions, opts.genai_variant)  # refuse a bad choice up front
+    genai_variant = choose_genai_variant(opts.precisions, opts.genai_variant)  # refused early
     out = output_dir(opts)
     _check_replaceable(out, opts.force)
     start = time.perf_counter()
     try:
-        _export_into_place(opts, progress, out)
+        _export_into_place(replace(opts, genai_variant=genai_variant), progress, out)
     except OSError as exc:
         raise _os_error(exc, out) from exc
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
@@ -197,7 +197,7 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
         _stage(opts, "load")
         with progress.stage("load checkpoint"):
             resolved = resolve_source(opts.source, opts.random_init, opts.seed)
-        _check_disk(resolved.model, out.parent, opts.precisions)
+        _check_disk(resolved.model, out.parent, opts.precisions, opts.genai_variant)
         _stage(opts, "export")
         with progress.stage("export ONNX (optimum, fp32 with KV cache)"):
             variants = {"fp32": export_optimum_fp32(resolved.model, tmp)}
@@ -325,16 +325,24 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
-    """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
+def estimated_bytes(model: Any, precisions: Sequence[str], genai_variant: str | None = None
+                    ) -> int:
+    """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant,
+    plus the genai-facing copy of a fused variant whose weights sit inside its graph."""
+    from gpt2_onnx.export.fused import EXTERNAL_DATA_MIN_BYTES
+
     n_params = sum(p.numel() for p in model.parameters())
     per_precision = {"fp32": 4.0, "fp32-fused": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
     lm_head = model.config.vocab_size * model.config.n_embd * 4
-    return int(sum(n_params * per_precision[p] for p in precisions) + lm_head)
+    total = sum(n_params * per_precision[p] for p in precisions) + lm_head
+    if genai_variant not in (None, "fp32") and n_params * 4 <= EXTERNAL_DATA_MIN_BYTES:
+        total += n_params * per_precision[genai_variant]
+    return int(total)
 
 
-def _check_disk(model: Any, where: Path, precisions: Sequence[str]) -> None:
-    need = estimated_bytes(model, precisions)
+def _check_disk(model: Any, where: Path, precisions: Sequence[str],
+                genai_variant: str | None = None) -> None:
+    need = estimated_bytes(model, precisions, genai_variant)
     free = shutil.disk_usage(where).free
     if free < need * 1.1:
         raise ExportError(
@@ -386,8 +394,6 @@ def external_data_files(graph: Path) -> list[str]:
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
     """fp32-fused / int8 / int4 (fused GroupQueryAttention graphs); fp16 (optimum's graph in
     fp16). Each carries verify's thresholds for its precision (export/thresholds.py)."""
-    from dataclasses import replace
-
     from gpt2_onnx.export.thresholds import thresholds_for
 
     if precision == "fp16":
@@ -449,7 +455,5 @@ def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Vari
 
 def refresh_file_entries(model_dir: Path, manifest: Manifest) -> Manifest:
     """The manifest with sizes and hashes recomputed (after a file in the directory changed)."""
-    from dataclasses import replace
-
     return replace(manifest, files=_directory_entries(model_dir))
 
