@@ -28,16 +28,19 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_onnx.runtime import variants as registry
 from gpt2_onnx.runtime.manifest import ModelDims, Variant
 
 GENAI_CONFIG_NAME = "genai_config.json"
 GENAI_GRAPH_SUFFIX = "-genai.onnx"
-# Variants onnxruntime-genai can run on the CPU, fastest first. Measured through
-# onnxruntime-genai 0.18 on random gpt2 (124 M), 2 threads, batch 1 (export/genai.py's
-# `measure_genai`; README "onnxruntime-genai"): int4 > int8 > fp32-fused > fp32. Every exported
-# variant has passed verify (export fails otherwise), so the default is the first one exported.
-# fp16 is optimum's graph in half precision, meant for CUDA: not offered.
-GENAI_PREFERENCE = ("int4", "int8", "fp32-fused", "fp32")
+
+
+def genai_preference() -> tuple[str, ...]:
+    """Variants onnxruntime-genai runs, fastest first: the registry's `genai_rank`, measured
+    through onnxruntime-genai 0.18 on random gpt2 (int4 > int8 > fp32-fused > fp32; README
+    "Other languages"). With verify on, every exported variant has passed it (export fails
+    otherwise), so the default, the first one exported, is the fastest that passes verify."""
+    return registry.genai_preferred()
 
 
 class GenaiError(ValueError):
@@ -58,11 +61,12 @@ class GenaiFiles:
 
 def choose_genai_variant(exported: Sequence[str], requested: str | None = None) -> str:
     """The variant genai_config.json points at: `requested`, else the fastest exported one."""
-    runnable = [p for p in GENAI_PREFERENCE if p in exported]
+    preference = genai_preference()
+    runnable = [p for p in preference if p in exported]
     if requested is not None:
-        if requested not in GENAI_PREFERENCE:
+        if requested not in preference:
             raise GenaiError(f"genai_variant {requested!r}: onnxruntime-genai runs "
-                             f"{', '.join(GENAI_PREFERENCE)} (fp16 is for CUDA)")
+                             f"{', '.join(preference)} (fp16 is for CUDA)")
         if requested not in exported:
             raise GenaiError(f"genai_variant {requested!r} is not exported; add it to "
                              f"--precision (exported: {', '.join(exported)})")
@@ -80,7 +84,7 @@ def write_genai_files(model_dir: Path, dims: ModelDims, variant: Variant) -> Gen
     is written.
     """
     model_dir = Path(model_dir)
-    if variant.io.kv_layout == "shared":
+    if registry.get(variant.precision).family == "fused":
         graph = write_genai_graph(model_dir, variant)
         share_buffer = True  # GroupQueryAttention writes into the bound buffer in place
     else:
