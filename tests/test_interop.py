@@ -174,10 +174,10 @@ def test_cli_genai_variant_option(tmp_path: Path) -> None:
     manifest = read_manifest(out)
     assert manifest.genai is not None and manifest.genai["variant"] == "fp32-fused"
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
-        "filename"] == "model-fp32-genai.onnx"
+        "filename"] == "model-fp32-fused-genai.onnx"
     check_files(out, manifest)
     shown = CliRunner().invoke(app, ["info", str(out)], env={"COLUMNS": "300"})
-    assert "genai_config.json runs fp32-fused (model-fp32-genai.onnx)" in shown.stdout
+    assert "genai_config.json runs fp32-fused (model-fp32-fused-genai.onnx)" in shown.stdout
     bad = CliRunner().invoke(app, ["export", "--random-init", "tiny", "--out",
                                    str(tmp_path / "nope"), "--genai-variant", "int8",
                                    "--no-verify"])
