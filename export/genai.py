@@ -84,7 +84,7 @@ def write_genai_files(model_dir: Path, dims: ModelDims, variant: Variant) -> Gen
     is written.
     """
     model_dir = Path(model_dir)
-    if registry.get(variant.precision).family == "fused":
+    if variant.io.kv_layout == "shared":  # the graph takes seqlens_k etc.: needs the prelude
         graph = write_genai_graph(model_dir, variant)
         share_buffer = True  # GroupQueryAttention writes into the bound buffer in place
     else:
