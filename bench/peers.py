@@ -16,6 +16,8 @@ Systems:
   optimum           optimum.onnxruntime.ORTModelForCausalLM.generate (optimum's fp32 graph)
   ct2-float32       ctranslate2.Generator, model converted with quantization float32
   ct2-int8          the same, quantization int8
+  genai:<precision> onnxruntime-genai's C++ loop over the same graph as ours:<precision> (its
+                    genai_config.json in a directory of hard links; run_bench.py prepares it)
 """
 
 from __future__ import annotations
@@ -151,6 +153,35 @@ class CT2Runner:
                    len(prompts) * (len(steps) - 1))
 
 
+class GenaiRunner:
+    """onnxruntime-genai's Generator: append the batch, then generate_next_token until done
+    (min_length keeps EOS from ending a row early); each step stamped as it returns."""
+
+    def __init__(self, model_dir: str) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(model_dir)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Run:
+        import numpy as np
+
+        og = self.og
+        total = len(prompts[0]) + new_tokens
+        start = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total,
+                                  batch_size=len(prompts))
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+        stamps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()  # the tokens reach the caller, as a stream would
+            stamps.append(time.perf_counter())
+        return Run(stamps[0] - start, stamps[-1] - stamps[0], len(prompts) * (len(stamps) - 1))
+
+
 def make_runner(task: dict[str, Any]) -> Runner:
     """The runner of task["system"], loaded from the task's paths."""
     system, threads = task["system"], task["threads"]
@@ -160,10 +191,13 @@ def make_runner(task: dict[str, Any]) -> Runner:
         return torch_runner(task["checkpoint"], threads)
     if system == "optimum":
         return optimum_runner(task["optimum_dir"], threads)
+    if system.startswith("genai:"):
+        return GenaiRunner(task["genai_dirs"][system])
     if system in ("ct2-float32", "ct2-int8"):
         return CT2Runner(task["ct2_dirs"][system], threads,
                          str(Path(task["checkpoint"]) / "vocab.json"))
-    raise ValueError(f"unknown system {system!r}; choose ours:<precision> or one of {PEERS}")
+    raise ValueError(f"unknown system {system!r}; choose ours:<precision>, genai:<precision> "
+                     f"or one of {PEERS}")
 
 
 def import_system(system: str) -> None:
@@ -177,6 +211,8 @@ def import_system(system: str) -> None:
         import optimum.onnxruntime  # noqa: F401
     elif system.startswith("ct2-"):
         import ctranslate2  # noqa: F401
+    elif system.startswith("genai:"):
+        import onnxruntime_genai  # noqa: F401
 
 
 # --------------------------------------------------------------------------- phases

@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,9 @@ class Config:
     def our_dir(self) -> Path:
         return self.model_dir or self.cache_dir / "model"
 
+    def genai_dir(self, system: str) -> Path:
+        return self.cache_dir / system.replace(":", "-")  # "genai-int4"
+
 
 # --quick writes beside the cache, not over the committed results (bench/results/quick holds a
 # reference run; pass --out bench/results/quick to refresh it).
@@ -120,6 +124,40 @@ def prepare(cfg: Config) -> None:
                                  force=True))
     if "optimum" in cfg.systems and optimum_dir(cfg) != cfg.our_dir:
         export_optimum(cfg)
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    variants = list(read_manifest(cfg.our_dir).variants)
+    for system in expand_systems(cfg.systems, variants):
+        if system.startswith("genai:"):
+            prepare_genai_dir(cfg, system)
+
+
+def prepare_genai_dir(cfg: Config, system: str) -> None:
+    """cache/genai-<precision>: hard links to our directory's graph, data and tokenizer files
+    (no copy of the weights), its genai_config.json (threads pinned like the other systems') and,
+    for a fused variant, the genai-facing graph. Rebuilt each run: cheap, and never stale."""
+    from gpt2_onnx.export.genai import write_genai_files
+    from gpt2_onnx.runtime.manifest import read_manifest
+
+    manifest = read_manifest(cfg.our_dir)
+    variant = manifest.variants[system.split(":", 1)[1]]
+    dest = cfg.genai_dir(system)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    names = [variant.graph, *variant.data, manifest.tokenizer, "tokenizer_config.json",
+             "generation_config.json", "config.json"]
+    for name in names:
+        if (cfg.our_dir / name).is_file():
+            try:
+                os.link(cfg.our_dir / name, dest / name)
+            except OSError:  # another filesystem
+                shutil.copy2(cfg.our_dir / name, dest / name)
+    write_genai_files(dest, manifest.dims, variant)
+    config_path = dest / "genai_config.json"
+    doc = json.loads(config_path.read_text())
+    doc["model"]["decoder"]["session_options"].update(
+        intra_op_num_threads=cfg.threads, inter_op_num_threads=1)
+    config_path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def optimum_dir(cfg: Config) -> Path:
@@ -158,19 +196,29 @@ def check_model_dir(cfg: Config) -> Any:
 
 
 def expand_systems(systems: Sequence[str], variants: Sequence[str]) -> list[str]:
-    """"ours" -> one "ours:<precision>" per variant of the model directory."""
+    """"ours" -> one "ours:<precision>" per variant of the model directory; "genai" -> one
+    "genai:<precision>" per variant onnxruntime-genai runs."""
+    from gpt2_onnx.runtime.variants import genai_preferred
+
+    genai_runs = genai_preferred()
     out: list[str] = []
     for s in systems:
         if s == "ours":
             out += [f"ours:{p}" for p in variants]
-        elif s.startswith("ours:"):
+        elif s == "genai":
+            out += [f"genai:{p}" for p in variants if p in genai_runs]
+        elif s.startswith(("ours:", "genai:")):
             if s.split(":", 1)[1] not in variants:
                 raise ValueError(f"--systems {s}: the model directory has {', '.join(variants)}")
+            if s.startswith("genai:") and s.split(":", 1)[1] not in genai_runs:
+                raise ValueError(f"--systems {s}: onnxruntime-genai runs "
+                                 f"{', '.join(genai_runs)}")
             out.append(s)
         elif s in PEERS:
             out.append(s)
         else:
-            raise ValueError(f"--systems: unknown {s!r}; choose ours, ours:<precision>, "
+            raise ValueError(f"--systems: unknown {s!r}; choose ours, ours:<precision>, genai, "
+                             "genai:<precision>, "
                              f"{', '.join(PEERS)}")
     return out
 
@@ -220,7 +268,7 @@ def kv_bytes_read(dims: Any, past: float) -> float:
 
 
 def weight_bytes_read(cfg: Config, manifest: Any, system: str) -> int:
-    if system.startswith("ours:"):
+    if system.startswith(("ours:", "genai:")):  # the same graph
         variant = manifest.variants[system.split(":", 1)[1]]
         return graph_bytes_read(cfg.our_dir / variant.graph)
     if system == "ct2-int8":
@@ -333,7 +381,8 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     measurements = phases(cfg, manifest.dims)
     paths = {"model_dir": str(cfg.our_dir), "checkpoint": str(cfg.checkpoint),
              "optimum_dir": str(optimum_dir(cfg)) if "optimum" in systems else "",
-             "ct2_dirs": {s: str(cfg.ct2_dir(s)) for s in PEERS if s.startswith("ct2-")}}
+             "ct2_dirs": {s: str(cfg.ct2_dir(s)) for s in PEERS if s.startswith("ct2-")},
+             "genai_dirs": {s: str(cfg.genai_dir(s)) for s in systems if s.startswith("genai:")}}
     doc: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -402,8 +451,8 @@ def summarize(cfg: Config, manifest: Any, systems: list[str], doc: dict[str, Any
     doc["bandwidth"]["bytes_per_s"] = bandwidth
     out = {}
     for system in systems:
-        variant = manifest.variants.get(system.split(":", 1)[1]) if system.startswith("ours:") \
-            else None
+        variant = manifest.variants.get(system.split(":", 1)[1]) \
+            if system.startswith(("ours:", "genai:")) else None
         files = sum(manifest.files[f].size for f in (variant.graph, *variant.data)) \
             if variant else None
         s = SystemSummary(system, weight_bytes_read(cfg, manifest, system), files)
@@ -472,6 +521,17 @@ def goals(summary: dict[str, dict[str, Any]], cfg: Config) -> list[dict[str, Any
         if v.get("peak_rss") and v.get("file_bytes"):
             add(f"{system} peak RSS / weight bytes", v["peak_rss"] / v["file_bytes"], 1.2, "x",
                 higher_is_better=False)
+    for system, theirs in summary.items():  # issue 18: the same graph in genai's C++ loop
+        if not system.startswith("genai:") or not get("ours:" + system.split(":", 1)[1]):
+            continue
+        mine = summary["ours:" + system.split(":", 1)[1]]
+        for c in sorted(mine["decode"]):
+            if theirs["decode"].get(c):
+                add(f"ours:{system[6:]} decode at context {c} / {system}",
+                    mine["decode"][c] / theirs["decode"][c], 0.95, "x")
+        if mine.get("batch_tokens_per_s") and theirs.get("batch_tokens_per_s"):
+            add(f"ours:{system[6:]} batch-{cfg.batch} throughput / {system}",
+                mine["batch_tokens_per_s"] / theirs["batch_tokens_per_s"], 1.0, "x")
     if fp32 and fp32.get("load_s") is not None:
         add("fp32 load (session ready)", fp32["load_s"], 2.0, "s", higher_is_better=False)
     return rows
@@ -583,7 +643,8 @@ def parse_args(argv: list[str]) -> Config:
                    help="results [bench/results; ~/.cache/gpt2-onnx/bench/quick-results]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                   help="comma-separated: ours (every variant), ours:<precision>, "
+                   help="comma-separated: ours (every variant), ours:<precision>, genai "
+                        "(every variant onnxruntime-genai runs), genai:<precision>, "
                         f"{', '.join(PEERS)} [%(default)s]")
     p.add_argument("--contexts", help="decode contexts [8, n_positions/4, ~0.88 n_positions: "
                    "8,256,900 for gpt2-large; 8,64,225 with --quick]")
@@ -608,10 +669,11 @@ def parse_args(argv: list[str]) -> Config:
     cfg = Config(**{**base, **{k: v for k, v in chosen.items() if v is not None}})
     if cfg.threads < 1 or cfg.batch < 1 or cfg.new_tokens < 2 or cfg.repeats < 1:
         p.error("--threads, --batch and --repeats must be >= 1, --new-tokens >= 2")
-    unknown = [s for s in cfg.systems if s != "ours" and not s.startswith("ours:")
-               and s not in PEERS]
+    unknown = [s for s in cfg.systems if s not in ("ours", "genai")
+               and not s.startswith(("ours:", "genai:")) and s not in PEERS]
     if unknown or not cfg.systems:
-        p.error(f"--systems: unknown {unknown}; choose ours, ours:<precision>, {', '.join(PEERS)}")
+        p.error(f"--systems: unknown {unknown}; choose ours, ours:<precision>, genai, "
+                f"genai:<precision>, {', '.join(PEERS)}")
     return cfg
 
 

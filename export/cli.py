@@ -45,6 +45,9 @@ def export(
         help="Replace an existing model directory (refused if it holds files no export wrote).")
     ] = False,
     verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
+    genai_variant: Annotated[str | None, typer.Option(
+        help="Variant genai_config.json points at (onnxruntime-genai) [the first exported of "
+        f"{', '.join(variants.genai_preferred())}].")] = None,
 ) -> None:
     """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""
     from gpt2_onnx.export import pipeline, progress
@@ -53,7 +56,7 @@ def export(
                   tuple(p.strip() for p in precision.split(",") if p.strip()))
     opts = pipeline.ExportOptions(
         source=source, out=out, random_init=random_init, seed=seed, force=force,
-        precisions=precisions, verify=verify)
+        precisions=precisions, verify=verify, genai_variant=genai_variant)
     with rcli._signals_as_interrupt():
         _run_export_step(pipeline.run_export, opts, progress.RichProgress(rcli.err))
 
@@ -69,13 +72,15 @@ def verify_cmd(
         help=f"Variant(s) to check [all]: {', '.join(variants.names())}.")] = None,
     device: Annotated[str, typer.Option(help=f"{', '.join(DEVICE_CHOICES[1:])}.")] = "cpu",
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    genai: Annotated[bool, typer.Option(
+        help="Also run onnxruntime-genai on the directory when it is installed.")] = True,
 ) -> None:
     """Check the runtime's loop against the PyTorch transformers reference."""
     from gpt2_onnx.export import verify as verify_mod
 
     result = _run_export_step(
         verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
-        precisions=precision, device=device, report_path=report, console=rcli.err)
+        precisions=precision, device=device, report_path=report, console=rcli.err, genai=genai)
     if not result.passed:
         rcli.fail(f"verify failed: {', '.join(result.failed_checks())}")
 

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,6 +80,9 @@ class ExportOptions:
     precisions: Sequence[str] = DEFAULT_PRECISIONS
     verify: bool = True
     verify_steps: int = 16
+    # The variant genai_config.json points at (onnxruntime-genai); None: the fastest exported
+    # one (the registry's genai_rank, runtime/variants.py).
+    genai_variant: str | None = None
     # Test hook: called with the stage name before each stage (simulating interruptions).
     on_stage: Callable[[str], None] | None = field(default=None, repr=False)
 
@@ -103,11 +106,14 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
                          "add the others beside it, e.g. --precision fp32,int8")
     if opts.random_init is None and not opts.source:
         raise ValueError("source: give a hub id, a local directory, or --random-init PRESET")
+    from gpt2_onnx.export.genai import choose_genai_variant
+
+    genai_variant = choose_genai_variant(opts.precisions, opts.genai_variant)  # refused early
     out = output_dir(opts)
     _check_replaceable(out, opts.force)
     start = time.perf_counter()
     try:
-        _export_into_place(opts, progress, out)
+        _export_into_place(replace(opts, genai_variant=genai_variant), progress, out)
     except OSError as exc:
         raise _os_error(exc, out) from exc
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
@@ -193,7 +199,7 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
         _stage(opts, "load")
         with progress.stage("load checkpoint"):
             resolved = resolve_source(opts.source, opts.random_init, opts.seed)
-        _check_disk(resolved.model, out.parent, opts.precisions)
+        _check_disk(resolved.model, out.parent, opts.precisions, opts.genai_variant)
         _stage(opts, "export")
         with progress.stage("export ONNX (optimum, fp32 with KV cache)"):
             variants = {"fp32": export_optimum_fp32(resolved.model, tmp)}
@@ -208,7 +214,8 @@ def _export_into_place(opts: ExportOptions, progress: Progress, out: Path) -> No
             write_tokenizer(resolved, tmp)
             resolved.model.config.save_pretrained(tmp)
             resolved.model.generation_config.save_pretrained(tmp)
-            manifest = build_manifest(out.name, resolved, variants, tmp)
+            genai = write_genai(tmp, resolved, variants, opts.genai_variant)
+            manifest = build_manifest(out.name, resolved, variants, tmp, genai)
             manifest.write(tmp)
         if opts.verify:
             _stage(opts, "verify")
@@ -357,15 +364,24 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
-    """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
+def estimated_bytes(model: Any, precisions: Sequence[str], genai_variant: str | None = None
+                    ) -> int:
+    """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant,
+    plus the genai-facing copy of a fused variant whose weights sit inside its graph."""
+    from gpt2_onnx.export.fused import EXTERNAL_DATA_MIN_BYTES
+
     n_params = sum(p.numel() for p in model.parameters())
     lm_head = model.config.vocab_size * model.config.n_embd * 4
-    return int(sum(n_params * registry.get(p).bytes_per_param for p in precisions) + lm_head)
+    total = sum(n_params * registry.get(p).bytes_per_param for p in precisions) + lm_head
+    if genai_variant is not None and registry.get(genai_variant).family == "fused" \
+            and n_params * 4 <= EXTERNAL_DATA_MIN_BYTES:
+        total += n_params * registry.get(genai_variant).bytes_per_param
+    return int(total)
 
 
-def _check_disk(model: Any, where: Path, precisions: Sequence[str]) -> None:
-    need = estimated_bytes(model, precisions)
+def _check_disk(model: Any, where: Path, precisions: Sequence[str],
+                genai_variant: str | None = None) -> None:
+    need = estimated_bytes(model, precisions, genai_variant)
     free = shutil.disk_usage(where).free
     if free < need * 1.1:
         raise ExportError(
@@ -447,8 +463,6 @@ def external_data_files(graph: Path) -> list[str]:
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
     """Run the registered builder of `precision` (export/builders.py); the Variant carries the
     registry entry's verify thresholds."""
-    from dataclasses import replace
-
     spec = registry.get(precision)
     variant = builder_for(precision)(model, out_dir, spec)
     return replace(variant, precision=spec.name, thresholds=dict(spec.thresholds))
@@ -465,7 +479,7 @@ def model_dims(config: Any) -> ModelDims:
 
 
 EXPORT_VERSIONS = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-                   "onnxruntime", "tokenizers")  # recorded in the manifest
+                   "onnxruntime", "tokenizers", "onnxruntime-genai")  # recorded in the manifest
 
 
 def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
@@ -474,18 +488,26 @@ def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
     return file_entries(model_dir, files)
 
 
+def write_genai(model_dir: Path, resolved: ResolvedSource, variants: dict[str, Variant],
+                requested: str | None) -> dict[str, str]:
+    """genai_config.json (+ a genai-facing graph for a fused variant) for onnxruntime-genai."""
+    from gpt2_onnx.export.genai import choose_genai_variant, write_genai_files
+
+    chosen = choose_genai_variant(list(variants), requested)
+    dims = model_dims(resolved.model.config)
+    return write_genai_files(model_dir, dims, variants[chosen]).to_json()
+
+
 def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Variant],
-                   model_dir: Path) -> Manifest:
+                   model_dir: Path, genai: dict[str, str] | None = None) -> Manifest:
     return Manifest(
         name=name, source=resolved.record, dims=model_dims(resolved.model.config),
         variants=variants, files=_directory_entries(model_dir),
-        versions=package_versions(EXPORT_VERSIONS),
+        versions=package_versions(EXPORT_VERSIONS), genai=genai,
     )
 
 
 def refresh_file_entries(model_dir: Path, manifest: Manifest) -> Manifest:
     """The manifest with sizes and hashes recomputed (after a file in the directory changed)."""
-    from dataclasses import replace
-
     return replace(manifest, files=_directory_entries(model_dir))
 

@@ -12,7 +12,10 @@ Per variant (precision) and prompt it drives the code users run — `TextGenerat
    PyTorch's logits along the same sequence with the same seed must pick the same tokens, and every
    token must lie in PyTorch's top-k;
 4. cache-vs-recompute: the last cached step equals a forward over the whole sequence, no cache;
-5. batch-vs-single: a left-padded greedy batch gives each row's tokens alone.
+5. batch-vs-single: a left-padded greedy batch gives each row's tokens alone;
+6. onnxruntime-genai (when installed and the directory has a genai_config.json): onnxruntime-genai
+   runs the variant the config names; its greedy tokens must equal the runtime's on the same graph
+   (each prompt alone and the batch) and, for exact variants, transformers' (near-ties aside).
 
 Each check yields one row per variant (the worst prompt named in `detail`). Memory: the reference
 model plus one onnxruntime session at a time (variants are loaded one after another).
@@ -46,7 +49,8 @@ GREEDY = "greedy-tokens"
 SAMPLING = "top-k-sampling"
 CACHE = "cache-vs-recompute"
 BATCH = "batch-vs-single"
-CHECKS = (LOGITS_PREFILL, LOGITS_DECODE, GREEDY, SAMPLING, CACHE, BATCH)
+GENAI = "onnxruntime-genai"
+CHECKS = (LOGITS_PREFILL, LOGITS_DECODE, GREEDY, SAMPLING, CACHE, BATCH, GENAI)
 
 # Limits per precision live in the variant registry (runtime/variants.py, numbers in
 # runtime/thresholds.json, derived from bench/results by bench/derive_thresholds.py). The export
@@ -624,6 +628,7 @@ def run_verify(
     precisions: Sequence[str] | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    genai: bool = True,
 ) -> VerifyReport:
     """Check every variant (or `precisions`) of `model_dir` against transformers.
 
@@ -632,6 +637,8 @@ def run_verify(
     prompts: a file (one prompt a line) or a list of prompts; default DEFAULT_PROMPTS, a long
       prompt, an emoji/CJK prompt and a batch of different lengths.
     steps: decode steps per prompt (steps + 1 new tokens: the first comes from the prefill).
+    genai: also run onnxruntime-genai on the variant genai_config.json names, when it is installed
+      and that variant is checked (a note says why when it is not run).
     """
     from gpt2_onnx.runtime.generator import load_tokenizer
 
@@ -661,9 +668,10 @@ def run_verify(
     check_fit([*singles, *batch], dims.n_positions, steps)
 
     threads = 1 if dims.n_embd < SMALL_WIDTH else None  # None: the runtime's default
+    genai_variant = _genai_variant(manifest, chosen, genai, device, notes)
     with _torch_threads(threads):
         report = _verify_variants(root, manifest, chosen, reference, singles, batch, steps,
-                                  device, threads, say)
+                                  device, threads, say, genai_variant)
     report.notes = notes + report.notes
     report.seconds = time.perf_counter() - start
     return report
@@ -671,7 +679,8 @@ def run_verify(
 
 def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], reference: Any,
                      singles: list[Prompt], batch: list[Prompt], steps: int, device: str,
-                     threads: int | None, say: Callable[[str], None]) -> VerifyReport:
+                     threads: int | None, say: Callable[[str], None],
+                     genai_variant: str | None = None) -> VerifyReport:
     from gpt2_onnx.runtime.device import resolve_device
     from gpt2_onnx.runtime.generator import TextGenerator, check_cuda_variant
 
@@ -719,8 +728,81 @@ def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], referenc
         report.checks.append(cache_check(precision, gate, results))
         say(f"{precision}: batch vs single")
         report.checks.append(batch_check(precision, gate, gen, batch, new_tokens))
+        if precision == genai_variant:
+            ours_batch = [r.ids for r in gen.generate_ids([p.ids for p in batch],
+                                                          max_new_tokens=new_tokens, greedy=True)]
         del gen  # one onnxruntime session at a time
+        if precision == genai_variant:
+            say(f"{precision}: onnxruntime-genai")
+            report.checks.append(genai_check(root, manifest, precision, gate, singles, refs,
+                                             [r.greedy_ids for r in results], batch,
+                                             ours_batch, new_tokens))
     return report
+
+
+def _genai_variant(manifest: Manifest, chosen: list[str], enabled: bool, device: str,
+                   notes: list[str]) -> str | None:
+    """The variant the genai check runs on, or None (with a note saying why, when relevant)."""
+    from gpt2_onnx.export.genai import genai_available
+
+    if not enabled:
+        return None
+    if manifest.genai is None:
+        notes.append("onnxruntime-genai: not checked (no genai_config.json in this directory)")
+        return None
+    if not genai_available():
+        notes.append("onnxruntime-genai: not checked (not installed; pip install "
+                     "onnxruntime-genai)")
+        return None
+    if device != "cpu":
+        notes.append("onnxruntime-genai: not checked (its config runs on the CPU)")
+        return None
+    variant = manifest.genai["variant"]
+    if variant not in chosen:
+        notes.append(f"onnxruntime-genai: not checked (its variant {variant} is not among the "
+                     "checked ones)")
+        return None
+    return variant
+
+
+def genai_check(root: Path, manifest: Manifest, precision: str, gate: _Gate,
+                singles: Sequence[Prompt], refs: Sequence[RefRun], ours: Sequence[list[int]],
+                batch: Sequence[Prompt], ours_batch: Sequence[list[int]],
+                new_tokens: int) -> Check:
+    """onnxruntime-genai's greedy tokens vs the runtime's on the same graph (each single prompt,
+    then the batch run together) and, for exact variants, vs transformers' (near-ties aside)."""
+    from gpt2_onnx.export.genai import genai_greedy, load_genai_model
+
+    eos = manifest.dims.eos_token_id
+    model = load_genai_model(root)
+    problems: list[str] = []
+    ref_ties: list[str] = []
+    for p, ref, mine in zip(singles, refs, ours, strict=True):
+        got = genai_greedy(model, [p.ids], len(ref.tokens), pad_token_id=eos,
+                           eos_token_id=eos)[0]
+        at = first_divergence(got, mine)
+        if at is not None:
+            problems.append(f"{p.name!r} diverges from the runtime at step {at}")
+        at = first_divergence(got, ref.tokens)
+        if gate.exact and at is not None:
+            if _near_tie(ref, at, got, gate.tie_margin):
+                ref_ties.append(f"{p.name!r} step {at}")
+            else:
+                problems.append(f"{p.name!r} diverges from transformers at step {at}")
+    together = genai_greedy(model, [p.ids for p in batch], new_tokens, pad_token_id=eos,
+                            eos_token_id=eos)
+    for i, (got, mine) in enumerate(zip(together, ours_batch, strict=True)):
+        at = first_divergence(got, mine)
+        if at is not None:
+            problems.append(f"batch row {i} diverges from the runtime at step {at}")
+    del model
+    lengths = ", ".join(str(len(p.ids)) for p in batch)
+    detail = (f"{manifest.genai['graph'] if manifest.genai else ''}; {len(singles)} prompts "
+              f"alone and a batch of {len(batch)} (lengths {lengths})"
+              + (f"; near-ties vs transformers at {', '.join(ref_ties)}" if ref_ties else ""))
+    want = "identical to the runtime" + (" and to transformers" if gate.exact else "")
+    return Check(precision, GENAI, problems[0] if problems else "identical", want,
+                 not problems, detail, {"divergences": float(len(problems))})
 
 
 @contextlib.contextmanager
@@ -792,6 +874,7 @@ def verify_command(
     device: str = "cpu",
     report_path: Path | None = None,
     console: Any = None,
+    genai: bool = True,
 ) -> VerifyReport:
     """`gpt2-onnx verify`: run_verify with a status line, print the table to `console`
     (a rich Console; none prints nothing) and write the JSON report when `report_path` is given.
@@ -800,11 +883,11 @@ def verify_command(
         check_output_file("report", report_path)
     if console is None:
         report = run_verify(model_dir, reference=reference, prompts=prompts, steps=steps,
-                            precisions=precisions, device=device)
+                            precisions=precisions, device=device, genai=genai)
     else:
         with console.status("verify") as status:
             report = run_verify(model_dir, reference=reference, prompts=prompts, steps=steps,
-                                precisions=precisions, device=device,
+                                precisions=precisions, device=device, genai=genai,
                                 progress=lambda msg: status.update(f"verify: {msg}"))
         console.print(report_table(report))
     if report_path is not None:

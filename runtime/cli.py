@@ -345,6 +345,9 @@ def info(
         size = sum(m.files[f].size for f in (v.graph, *v.data) if f in m.files)
         table.add_row(escape(f"variant {p}"), escape(f"{v.graph} ({size / 1e6:.1f} MB, "
                                                       f"{v.dtype}, kv {v.io.kv_layout})"))
+    if m.genai:
+        table.add_row("onnxruntime-genai", escape(f"{m.genai['config']} runs {m.genai['variant']} "
+                                                  f"({m.genai['graph']})"))
     table.add_row("files", escape(", ".join(f"{n} {e.size / 1e6:.1f} MB"
                                             for n, e in m.files.items())))
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()))

@@ -110,6 +110,9 @@ class Manifest:
     tokenizer: str = "tokenizer.json"
     versions: dict[str, str] = field(default_factory=dict)
     verify: dict[str, Any] | None = None  # summary written by `verify`
+    # What export wrote for onnxruntime-genai: {"variant", "config", "graph"}; None if nothing
+    # (the runtime never reads those files; `files` lists and hashes them).
+    genai: dict[str, str] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -247,6 +250,10 @@ def _parse(doc: Any, path: Path) -> Manifest:
         and all(isinstance(c, dict) for c in verify.get("checks", []))
     ):
         problems.append("verify: expected null or an object whose checks are a list of objects")
+    genai = doc.get("genai")
+    if genai is not None and not (isinstance(genai, dict) and all(
+            isinstance(genai.get(k), str) for k in ("variant", "config", "graph"))):
+        problems.append("genai: expected null or an object with string variant, config, graph")
     if problems:
         raise ModelDirError(
             f"{path}: invalid manifest ({len(problems)} problem{'s' * (len(problems) > 1)}): "
@@ -257,6 +264,7 @@ def _parse(doc: Any, path: Path) -> Manifest:
     return Manifest(
         name=name, source=source, dims=dims, variants=variants, files=files, tokenizer=tokenizer,
         versions={str(k): str(v) for k, v in versions.items()}, verify=verify,
+        genai=dict(genai) if genai is not None else None,
     )
 
 

@@ -51,6 +51,10 @@ class VariantSpec:
     # this variant by default (it can still be named).
     preference: dict[str, int] = field(default_factory=dict, hash=False)
     fast_load: bool = False  # runs well without prepacked weights (plain float MatMuls only)
+    # Rank for onnxruntime-genai (0 first): export points genai_config.json at the exported
+    # variant of lowest rank (measured through genai itself: README "Other languages"); None:
+    # genai gets no config for it.
+    genai_rank: int | None = None
     description: str = ""  # one line for the CLI help
 
     def __post_init__(self) -> None:
@@ -117,6 +121,12 @@ def preferred(device: str) -> tuple[str, ...]:
     return tuple(n for _, n in sorted(ranked))
 
 
+def genai_preferred() -> tuple[str, ...]:
+    """Variant names onnxruntime-genai runs, fastest first (`genai_rank`)."""
+    ranked = [(s.genai_rank, s.name) for s in REGISTRY.values() if s.genai_rank is not None]
+    return tuple(n for _, n in sorted(ranked))
+
+
 def thresholds_for(name: str) -> dict[str, float]:
     """A copy of the verify thresholds of variant `name` (ValueError when unknown)."""
     return dict(get(name).thresholds)
@@ -127,30 +137,33 @@ def thresholds_for(name: str) -> dict[str, float]:
 register(VariantSpec(
     name="fp32", family="optimum", kv_layout="concat", weight_dtype="float32",
     bytes_per_param=4.0, graph="model.onnx", thresholds=dict(THRESHOLDS["fp32"]),
-    preference={"cpu": 1, "cuda": 2}, fast_load=True,
+    preference={"cpu": 1, "cuda": 2}, fast_load=True, genai_rank=3,
     description="optimum's graph, float32 (verify's reference path)"))
 # Same numbers as fp32, faster on CPU (shared KV buffer, last-row logits). Directories exported
 # before this registry hold it as "model-fp32.onnx"; their manifests name that file and load.
 register(VariantSpec(
     name="fp32-fused", family="fused", kv_layout="shared", weight_dtype="float32",
     bytes_per_param=4.0, graph="model-fp32-fused.onnx", thresholds=dict(THRESHOLDS["fp32-fused"]),
-    preference={"cpu": 0}, fast_load=True,
+    preference={"cpu": 0}, fast_load=True, genai_rank=2,
     description="fused GroupQueryAttention graph, float32 (fastest exact CPU variant)"))
 # Quantized / half precision: gated on max abs logit difference, mean KL(fp32 || variant) and
 # top-1 agreement at decisive positions. The fused graphs run GroupQueryAttention, whose CUDA
 # kernel is fp16/bf16 only: fp32-fused, int8 and int4 are refused on CUDA
 # (generator.check_cuda_variant), so they have no "cuda" preference.
+# genai_rank (onnxruntime-genai 0.18, random gpt2, 2 threads, batch 1, tok/s at context 8 / 256;
+# bench/results/genai-gpt2): int4 29.5 / 31.0, int8 19.6 / 25.0, fp32-fused 12.7 / 13.5,
+# fp32 11.0 / 10.6. fp16 and fp16-fused (CUDA variants) get none.
 # int8: MatMulNBits 8-bit, block 32, 8-bit shared token table.
 register(VariantSpec(
     name="int8", family="fused", kv_layout="shared", weight_dtype="int8",
     bytes_per_param=1.1, graph="model-int8.onnx", thresholds=dict(THRESHOLDS["int8"]),
-    preference={"cpu": 2},
+    preference={"cpu": 2}, genai_rank=1,
     description="fused graph, 8-bit weights (MatMulNBits)"))
 # int4: MatMulNBits 4-bit, block 32, 8-bit shared token table.
 register(VariantSpec(
     name="int4", family="fused", kv_layout="shared", weight_dtype="int4",
     bytes_per_param=0.6, graph="model-int4.onnx", thresholds=dict(THRESHOLDS["int4"]),
-    preference={"cpu": 3},
+    preference={"cpu": 3}, genai_rank=0,
     description="fused graph, 4-bit weights (MatMulNBits)"))
 # fp16 limits were measured on CPU (re-derive them from a GPU run: bench/GPU.md).
 register(VariantSpec(
