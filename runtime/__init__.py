@@ -3,6 +3,18 @@
 Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI).
 """
 
+from gpt2_onnx.runtime.engine import (
+    DoneEvent,
+    Engine,
+    EngineClosedError,
+    EngineStats,
+    GenerationError,
+    GenerationParams,
+    QueueFullError,
+    Request,
+    StepGenerator,
+    TokenEvent,
+)
 from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
 from gpt2_onnx.runtime.generator import (
     Candidate,
@@ -18,15 +30,25 @@ from gpt2_onnx.runtime.scoring import TextScore, perplexity
 __all__ = [
     "Candidate",
     "DeviceError",
+    "DoneEvent",
+    "Engine",
+    "EngineClosedError",
+    "EngineStats",
+    "GenerationError",
+    "GenerationParams",
     "GenerationResult",
     "Gpt2OnnxError",
     "Manifest",
     "ModelDirError",
+    "QueueFullError",
+    "Request",
     "SamplingSettings",
+    "StepGenerator",
     "StepRecord",
     "TextScore",
     "TextGenerator",
     "Timings",
+    "TokenEvent",
     "check_files",
     "perplexity",
     "read_manifest",

@@ -6,6 +6,7 @@ the export extra and import it only when called.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -393,6 +394,17 @@ def bench(
     for name, value in summary_rows(result):
         table.add_row(escape(name), escape(value))
     Console().print(table)
+
+
+# --------------------------------------------------------------------------- serve
+
+# The server is its own package (gpt2_onnx.serve imports the runtime, never the reverse); its CLI
+# module imports only typer, so `serve` is listed even without the serve extra and then answers
+# with the install hint.
+if importlib.util.find_spec("gpt2_onnx.serve") is not None:
+    from gpt2_onnx.serve.cli import register as _register_serve
+
+    _register_serve(app)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -6,26 +6,37 @@ the random generators belong to one call, so one loaded TextGenerator serves man
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder
+from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder, PaddedBatch
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
-from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, softmax, top_candidates
+from gpt2_onnx.runtime.sampling import SamplingSettings
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.session import create_session, resolve_device
+
+if TYPE_CHECKING:
+    from gpt2_onnx.runtime.engine import DoneEvent, Engine, GenerationParams, Request, TokenEvent
 
 # Precision tried first on each device when the caller names none.
 # CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
 DEFAULT_PRECISIONS = {"cpu": ("fp32-fused", "fp32", "int8", "int4", "fp16"),
                       "cuda": ("fp16", "fp32", "fp32-fused", "int8")}
-FINISH_REASONS = ("length", "eos", "stop")
+FINISH_REASONS = ("length", "eos", "stop")  # "cancelled" and "error" too on the engine
+# TextGenerator's own engine (shared-KV variants): requests decoded together, prompt tokens
+# loaded per step while others decode, seconds idle before its thread and buffers go away.
+ENGINE_SLOTS = 8
+ENGINE_PREFILL_CHUNK = 64
+ENGINE_IDLE_STOP = 5.0
+ENGINE_MAX_QUEUE = 1 << 20  # generate() queues any number of prompts
 # Variants that run well without prepacked weights (plain float MatMuls, no MatMulNBits).
 FAST_LOAD_PRECISIONS = ("fp32", "fp32-fused", "fp16")
 
@@ -35,6 +46,8 @@ class Timings:
     prefill_ms: float  # prompt -> first logits (time to first token, sampling excluded)
     decode_ms: float  # all later steps
     decode_tokens_per_s: float  # tokens of this row / decode time (0 when nothing decoded)
+    ttft_ms: float = 0.0  # submission -> first token (the engine: queue wait included)
+    queue_ms: float = 0.0  # submission -> a slot (the engine only)
 
 
 @dataclass(frozen=True)
@@ -59,27 +72,23 @@ class GenerationResult:
     prompt_ids: list[int]
     ids: list[int]  # new tokens only (the EOS token included when finish_reason is "eos")
     text: str  # new text only, special tokens skipped, cut before a stop string
-    finish_reason: str  # "length", "eos" or "stop"
+    finish_reason: str  # "length", "eos" or "stop" ("cancelled" from an engine request)
     timings: Timings
     steps: list[StepRecord] = field(default_factory=list)  # filled when show_top > 0
 
 
-@dataclass
-class _Row:
-    """Per-prompt state of one generation call."""
-
-    prompt: str
-    prompt_ids: list[int]
-    rng: np.random.Generator
-    ids: list[int] = field(default_factory=list)
-    seen: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_at: int | None = None  # character offset of the matched stop string in the text
-    steps: list[StepRecord] = field(default_factory=list)
-
-
 class TextGenerator:
-    """A loaded model directory: tokenizer + one variant's session + the generation loop."""
+    """A loaded model directory: tokenizer + one variant's session + the generation front ends.
+
+    Shared-KV variants generate on one continuous-batching Engine per TextGenerator (so calls
+    from several threads share its batch); optimum's concat-KV graph runs static batches. Both
+    use the engine's per-row step (`engine.Sequence`).
+    """
+
+    # Settings of `engine()`, read when it is first created. engine_slots = 0: no engine, every
+    # call runs its own static batch in the caller's thread (the behaviour before the engine).
+    engine_slots: int = ENGINE_SLOTS
+    engine_prefill_chunk: int = ENGINE_PREFILL_CHUNK
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
                  device: str, model_dir: Path) -> None:
@@ -88,6 +97,8 @@ class TextGenerator:
         self.decoder = decoder
         self.device = device
         self.model_dir = model_dir
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -164,11 +175,16 @@ class TextGenerator:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         show_top: int = 0,
+        sampling: SamplingSettings | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (returns a result) or a list (returns a list, same order).
 
-        Several prompts run as one left-padded batch; each row gets the tokens it would get alone
-        (greedy exactly; sampling too, each row drawing from its own generator seeded `seed`).
+        Each prompt gets the tokens it would get alone (greedy exactly; sampling too, each
+        drawing from its own generator seeded `seed`). Shared-KV variants run on this
+        generator's engine, in one batch with whatever other threads ask at the same time;
+        optimum's concat-KV graph runs the prompts as one static, left-padded batch.
+        `sampling` (a SamplingSettings) replaces greedy/top_k/top_p/temperature/
+        repetition_penalty when given.
         """
         single = isinstance(prompt_or_prompts, str)
         if not single and not isinstance(prompt_or_prompts, (list, tuple)):
@@ -180,7 +196,8 @@ class TextGenerator:
         results = self.generate_ids(
             [self.encode(p) for p in prompts], prompts=prompts, max_new_tokens=max_new_tokens,
             greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop, show_top=show_top)
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, show_top=show_top,
+            sampling=sampling)
         return results[0] if single else results
 
     def stream(
@@ -195,6 +212,7 @@ class TextGenerator:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        sampling: SamplingSettings | None = None,
     ) -> Iterator[str]:
         """Yield the new text piece by piece as tokens are produced.
 
@@ -203,36 +221,45 @@ class TextGenerator:
         """
         if not isinstance(prompt, str):
             raise ValueError("prompt: stream takes one string")
-        stops = _stop_list(stop)
-        settings = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
-                                    temperature=temperature,
-                                    repetition_penalty=repetition_penalty)
+        params = self.params(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                             top_p=top_p, temperature=temperature,
+                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                             sampling=sampling)
         prompt_ids = self.encode(prompt)
-        # Validated here, when stream() is called, not at the first next(): a caller (the CLI)
-        # learns about a bad setting before it prints anything.
-        self._validate([prompt_ids], max_new_tokens, settings, 0, seed)
-        return self._stream(prompt, prompt_ids, max_new_tokens, settings, seed, stops)
+        # Validated (and, on the engine, submitted) here, when stream() is called, not at the
+        # first next(): a caller (the CLI) learns about a bad setting before it prints anything.
+        params.check_prompt(prompt_ids, self.manifest.dims, "prompt 0")
+        return _text_pieces(self._events(prompt, prompt_ids, params))
 
-    def _stream(self, prompt: str, prompt_ids: list[int], max_new_tokens: int,
-                settings: SamplingSettings, seed: int | None, stops: list[str]
-                ) -> Iterator[str]:
-        emitted = 0
-        pieces: list[str] = []
+    def stream_events(self, prompt_ids: Sequence[int], params: GenerationParams, *,
+                      prompt: str | None = None) -> Iterator[TokenEvent | DoneEvent]:
+        """One request's events: a TokenEvent per new token (id, text delta, logprob, top-N
+        candidates), then a DoneEvent (finish reason, counts, timings). Validated here, before
+        the first event; on the engine when this variant has one, else a static batch of one."""
+        self._check_ids(prompt_ids, "prompt")
+        ids = [int(t) for t in prompt_ids]
+        params.validate(self.manifest.dims)
+        params.check_prompt(ids, self.manifest.dims)
+        return self._events(prompt if prompt is not None else self.decode(ids), ids, params)
 
-        def on_token(text: str, final: bool) -> None:
-            nonlocal emitted
-            safe = len(text) if final else _stable_length(text, stops)
-            if safe > emitted:
-                pieces.append(text[emitted:safe])
-                emitted = safe
+    def _events(self, prompt: str, prompt_ids: list[int], params: GenerationParams
+                ) -> Iterator[TokenEvent | DoneEvent]:
+        if self.uses_engine:
+            return _request_events(self.engine().submit(prompt_ids, params, prompt=prompt))
+        return self._static_events(prompt, prompt_ids, params)
 
-        loop = self._loop([prompt_ids], [prompt], max_new_tokens=max_new_tokens,
-                          settings=settings, seed=seed, stops=stops, show_top=0,
-                          on_text=on_token)
-        for _ in loop:
-            yield from pieces
-            pieces.clear()
-        yield from pieces
+    def _static_events(self, prompt: str, prompt_ids: list[int], params: GenerationParams
+                       ) -> Iterator[TokenEvent | DoneEvent]:
+        from gpt2_onnx.runtime.engine import DoneEvent, TokenEvent
+
+        for out in self._static_batch([prompt_ids], [prompt], params):
+            (ev,) = out
+            if isinstance(ev, TokenEvent):
+                yield ev
+            elif isinstance(ev, GenerationResult):  # the last yield: the result
+                yield DoneEvent(finish_reason=ev.finish_reason, prompt_tokens=len(prompt_ids),
+                                completion_tokens=len(ev.ids), timings=ev.timings,
+                                text=ev.text, ids=ev.ids)
 
     def generate_ids(
         self,
@@ -248,24 +275,62 @@ class TextGenerator:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         show_top: int = 0,
+        sampling: SamplingSettings | None = None,
     ) -> list[GenerationResult]:
         """`generate` from token ids (one list per prompt); ids outside the vocab are refused."""
-        settings = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
-                                    temperature=temperature,
-                                    repetition_penalty=repetition_penalty)
+        params = self.params(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                             top_p=top_p, temperature=temperature,
+                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                             show_top=show_top, sampling=sampling)
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids or not all(
                 isinstance(p, (list, tuple)) for p in prompt_ids):
             raise ValueError("prompt_ids: give a non-empty list of token-id lists (one per prompt)")
+        rows = []
         for i, ids in enumerate(prompt_ids):
             self._check_ids(ids, f"prompt {i}")
-        texts = list(prompts) if prompts is not None else [self.decode(p) for p in prompt_ids]
-        loop = self._loop([list(p) for p in prompt_ids], texts, max_new_tokens=max_new_tokens,
-                          settings=settings, seed=seed, stops=_stop_list(stop),
-                          show_top=show_top, on_text=None)
+            params.check_prompt(ids, self.manifest.dims, f"prompt {i}")
+            rows.append([int(t) for t in ids])
+        texts = list(prompts) if prompts is not None else [self.decode(p) for p in rows]
+        if self.uses_engine:
+            return self._generate_on_engine(rows, texts, params)
         results: list[GenerationResult] = []
-        for results in loop:  # noqa: B007 - the last yield holds the finished results
+        for results in self._static_batch(rows, texts, params):  # noqa: B007
             pass
-        return results
+        return results  # the last yield: the finished results
+
+    def params(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        greedy: bool = False,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        show_top: int = 0,
+        sampling: SamplingSettings | None = None,
+    ) -> GenerationParams:
+        """The front ends' keywords as one validated GenerationParams (ValueError naming the
+        setting). `sampling`, when given, replaces the five sampling keywords."""
+        from gpt2_onnx.runtime.engine import GenerationParams
+
+        dims = self.manifest.dims
+        if sampling is None:
+            sampling = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
+                                        temperature=temperature,
+                                        repetition_penalty=repetition_penalty)
+        elif not isinstance(sampling, SamplingSettings):
+            raise ValueError(f"sampling: give a SamplingSettings, got {type(sampling).__name__}")
+        sampling.validate(dims.vocab_size)
+        if isinstance(show_top, bool) or not isinstance(show_top, int) \
+                or not 0 <= show_top <= dims.vocab_size:
+            raise ValueError(f"show_top must be in [0, {dims.vocab_size}], got {show_top!r}")
+        params = GenerationParams(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                  stop=tuple(_stop_list(stop)), top_n=show_top)
+        params.validate(dims)
+        return params
 
     def score(
         self,
@@ -288,148 +353,87 @@ class TextGenerator:
                              add_bos=add_bos, stride=stride)
         return scores[0] if single else scores
 
-    # ------------------------------------------------------------------ the loop
-    def _validate(self, prompt_ids: list[list[int]], max_new_tokens: int,
-                  settings: SamplingSettings, show_top: int, seed: int | None) -> None:
-        dims = self.manifest.dims
-        settings.validate(dims.vocab_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(show_top, int) or not 0 <= show_top <= dims.vocab_size:
-            raise ValueError(f"show_top must be in [0, {dims.vocab_size}], got {show_top!r}")
-        for i, ids in enumerate(prompt_ids):
-            self._check_ids(ids, f"prompt {i}")
-            if len(ids) > dims.n_positions:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens, more than n_positions="
-                    f"{dims.n_positions} the model allows; shorten it"
-                )
-            room = dims.n_positions - max(len(ids), 1)
-            if max_new_tokens > room:
-                raise ValueError(
-                    f"max_new_tokens={max_new_tokens} with a prompt of {max(len(ids), 1)} tokens "
-                    f"exceeds n_positions={dims.n_positions}: allowed range is [0, {room}] for "
-                    "this prompt (shorten the prompt or ask for fewer tokens)"
-                )
+    # ------------------------------------------------------------------ the engine
+    @property
+    def uses_engine(self) -> bool:
+        """True when generation runs on the continuous-batching engine (shared-KV variants);
+        False for optimum's concat-KV graph, which runs static batches."""
+        from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 
-    def _loop(
-        self,
-        prompt_ids: list[list[int]],
-        prompts: list[str],
-        *,
-        max_new_tokens: int,
-        settings: SamplingSettings,
-        seed: int | None,
-        stops: list[str],
-        show_top: int,
-        on_text: Callable[[str, bool], None] | None,
-    ) -> Iterator[list[GenerationResult]]:
-        """The token loop. Yields after each step ([] until done, then the results)."""
-        self._validate(prompt_ids, max_new_tokens, settings, show_top, seed)
-        dims = self.manifest.dims
-        eos = dims.eos_token_id
-        rows = [
-            _Row(prompt=text, prompt_ids=ids, seen=list(ids or [dims.bos_token_id]),
-                 # With a seed, every row draws from the stream a lone prompt would
-                 # (batch == single); without one, each row gets fresh entropy.
-                 rng=np.random.default_rng(seed))
-            for ids, text in zip(prompt_ids, prompts, strict=True)
-        ]
-        # Left-pad: an empty prompt starts from <|endoftext|>, as transformers does.
-        inputs = [ids or [dims.bos_token_id] for ids in prompt_ids]
-        width = max(len(x) for x in inputs)
-        batch = len(inputs)
-        input_ids = np.full((batch, width), eos, dtype=np.int64)  # [batch, width]
-        mask = np.zeros((batch, width), dtype=np.int64)  # [batch, width]; 0 = padding
-        for r, ids in enumerate(inputs):
-            input_ids[r, width - len(ids):] = ids
-            mask[r, width - len(ids):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # [batch, width]
+        return self.engine_slots > 0 and isinstance(self.decoder, SharedKVDecoder)
 
+    def engine(self) -> Engine:
+        """This generator's own engine (created on first use, shared by every thread calling
+        generate/stream; its thread and KV buffers go away after ENGINE_IDLE_STOP idle seconds
+        and come back on the next call). Settings: ENGINE_SLOTS, ENGINE_PREFILL_CHUNK."""
+        from gpt2_onnx.runtime.engine import Engine
+
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self, slots=self.engine_slots, max_queue=ENGINE_MAX_QUEUE,
+                                      prefill_chunk=self.engine_prefill_chunk,
+                                      idle_stop=ENGINE_IDLE_STOP).start()
+            return self._engine
+
+    def _generate_on_engine(self, rows: list[list[int]], texts: list[str],
+                            params: GenerationParams) -> list[GenerationResult]:
+        engine = self.engine()
+        requests = []
+        try:
+            for ids, text in zip(rows, texts, strict=True):
+                requests.append(engine.submit(ids, params, prompt=text))
+            return [r.result() for r in requests]
+        finally:  # an interrupted caller (Ctrl-C, an exception) frees its slots
+            for r in requests:
+                if not r.done:
+                    r.cancel()
+
+    # ------------------------------------------------------------------ static batches
+    def _static_batch(self, rows: list[list[int]], texts: list[str], params: GenerationParams
+                      ) -> Iterator[list]:
+        """Rows as one static batch (all start together; the batch lives until its longest row
+        ends). Yields each step's events (one per row, None for a finished row), then the
+        results. The per-row step is the engine's `Sequence`; the decoder's padding is
+        PaddedBatch's."""
+        from gpt2_onnx.runtime.engine import Sequence as Row
+
+        seqs = [Row(self.tokenizer, self.manifest.dims, ids, params) for ids in rows]
         t0 = time.perf_counter()
-        prefill_ms = 0.0
-        cache = self.decoder.start(batch, width + max_new_tokens)
-        if max_new_tokens > 0:
-            logits, cache = self.decoder.forward(cache, input_ids, mask, positions)
+        prefill_ms, decode_s = 0.0, 0.0
+        if params.max_new_tokens > 0:
+            batch = PaddedBatch(self.decoder, [s.feed for s in seqs], params.max_new_tokens)
+            logits = batch.prefill()  # [batch, vocab]
             prefill_ms = (time.perf_counter() - t0) * 1e3
-        t_decode = time.perf_counter()
-        last_pos = positions[:, -1]  # [batch]
-        for step in range(max_new_tokens):
-            next_ids = np.full((batch, 1), eos, dtype=np.int64)  # finished rows feed EOS
-            for r, row in enumerate(rows):
-                if row.finish_reason is not None:
-                    continue
-                token = self._pick(logits[r], row, settings, show_top, step)
-                next_ids[r, 0] = token
-                self._append(row, token, eos, stops, on_text)
-            if all(row.finish_reason is not None for row in rows) or step == max_new_tokens - 1:
-                break
-            yield []
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            last_pos = last_pos + 1
-            logits, cache = self.decoder.forward(cache, next_ids, mask, last_pos[:, None])
-        decode_s = time.perf_counter() - t_decode
-        del cache
-        yield [self._result(row, prefill_ms, decode_s, on_text) for row in rows]
-
-    def _pick(self, logits: np.ndarray, row: _Row, settings: SamplingSettings, show_top: int,
-              step: int) -> int:
-        """Choose the next token of one row from its logits [vocab]."""
-        # The seen ids matter only to the repetition penalty: no array per step otherwise.
-        seen = (np.asarray(row.seen, dtype=np.int64)
-                if settings.repetition_penalty != 1.0 else None)
-        token = sample_token(logits, settings, row.rng, seen)
-        if show_top:
-            ids, probs = top_candidates(logits, show_top)
-            chosen_prob = float(softmax(logits)[token])
-            row.steps.append(StepRecord(
-                step=step,
-                candidates=[Candidate(int(i), self._piece(int(i)), float(p))
-                            for i, p in zip(ids, probs, strict=True)],
-                chosen=Candidate(token, self._piece(token), chosen_prob)))
-        return token
-
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _append(self, row: _Row, token: int, eos: int, stops: list[str],
-                on_text: Callable[[str, bool], None] | None) -> None:
-        row.ids.append(token)
-        row.seen.append(token)
-        if token == eos:
-            row.finish_reason = "eos"
-        if not stops and on_text is None:
-            return
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        for s in stops:
-            at = text.find(s)
-            if at >= 0 and (row.stop_at is None or at < row.stop_at):
-                row.stop_at = at
-        if row.stop_at is not None:
-            row.finish_reason = "stop"
-            text = text[:row.stop_at]
-        if on_text is not None:
-            on_text(text, False)
-
-    def _result(self, row: _Row, prefill_ms: float, decode_s: float,
-                on_text: Callable[[str, bool], None] | None) -> GenerationResult:
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        if row.stop_at is not None:
-            text = text[:row.stop_at]
-        if on_text is not None:
-            on_text(text, True)
-        decoded = max(len(row.ids) - 1, 0)  # the first token comes from the prefill
-        rate = decoded / decode_s if decoded and decode_s else 0.0
-        return GenerationResult(
-            prompt=row.prompt, prompt_ids=row.prompt_ids, ids=row.ids, text=text,
-            finish_reason=row.finish_reason or "length",
+            t_decode = time.perf_counter()
+            while True:
+                events = [None if s.done else s.accept(logits[r]) for r, s in enumerate(seqs)]
+                if all(s.done for s in seqs):
+                    decode_s = time.perf_counter() - t_decode
+                    yield events
+                    break
+                yield events
+                # Finished rows feed EOS (their logits are not read again).
+                logits = batch.step([s.ids[-1] if not s.done else self.manifest.dims.eos_token_id
+                                     for s in seqs])
+            del batch
+        else:
+            for s in seqs:
+                s.finish("length")
+        decoded = [max(len(s.ids) - 1, 0) for s in seqs]
+        yield [GenerationResult(
+            prompt=text, prompt_ids=ids, ids=s.ids, text=s.text,
+            finish_reason=s.finish_reason or "length",
             timings=Timings(prefill_ms=prefill_ms, decode_ms=decode_s * 1e3,
-                            decode_tokens_per_s=rate),
-            steps=row.steps)
+                            decode_tokens_per_s=n / decode_s if n and decode_s else 0.0,
+                            ttft_ms=prefill_ms),
+            steps=s.steps) for s, ids, text, n in zip(seqs, rows, texts, decoded, strict=True)]
+
+    def close(self) -> None:
+        """Stop this generator's engine thread now (it also stops by itself when idle)."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -486,16 +490,29 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
     return stops
 
 
-def _stable_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can be shown now: not a trailing partial character (U+FFFD from an
-    incomplete byte sequence) and not a suffix that could still grow into a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k:end] == s[:k]:
-                hold = max(hold, k)
-                break
-    return end - hold
+def _request_events(request: Request) -> Iterator[TokenEvent | DoneEvent]:
+    """An engine request's events; cancels it when the consumer stops early."""
+    try:
+        yield from request.events()
+    finally:
+        if not request.done:
+            request.cancel()
+
+
+def _text_pieces(events: Iterator[TokenEvent | DoneEvent]) -> Iterator[str]:
+    """The non-empty text deltas of a request's events (GenerationError if it failed)."""
+    from gpt2_onnx.runtime.engine import DoneEvent, GenerationError
+
+    try:
+        for ev in events:
+            if isinstance(ev, DoneEvent):
+                if ev.tail:
+                    yield ev.tail
+                if ev.finish_reason == "error":
+                    raise GenerationError(f"generation failed: {ev.error}")
+            elif ev.text:
+                yield ev.text
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()

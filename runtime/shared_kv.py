@@ -14,7 +14,8 @@ last real tokens only (`logits_index`), mapped back to the caller's left-padded 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +40,27 @@ class SharedKVCache:
     buffers: dict[str, ort.OrtValue]  # past input name -> [batch, n_head, max_len, head_dim]
     lengths: np.ndarray  # int64 [batch]: real (unpadded) positions each row holds
     max_len: int  # positions the buffers hold
+
+
+@dataclass(frozen=True)
+class SlotCache:
+    """KV buffers of a fixed set of slots, for the engine (one request per slot).
+
+    Per layer one buffer [slots, n_head, max_len, head_dim]; slot b is one contiguous block, so
+    a range of slots [first, first + n) is bound as a batch of n rows by pointer (no copy). On CPU
+    the buffers are numpy zeros: pages are committed only as positions are written, so RSS grows
+    with the tokens actually held, not with slots x max_len. The lengths each slot holds are the
+    caller's (the engine's) business: the decoder is told them every call.
+    """
+
+    owners: dict[str, object]  # past input name -> the array / OrtValue that owns the memory
+    pointers: dict[str, int]  # past input name -> address of slot 0
+    slots: int
+    max_len: int  # positions per slot
+    slot_bytes: int  # bytes of one slot in one buffer
+    device: str
+    device_id: int = 0
+    dtype: type = field(default=np.float32)
 
 
 class SharedKVDecoder:
@@ -87,6 +109,97 @@ class SharedKVDecoder:
             buffers[name] = buf
         return SharedKVCache(buffers, np.zeros(batch, dtype=np.int64), max_len)
 
+    # ------------------------------------------------------------------ slots (the engine)
+    def start_slots(self, slots: int, max_len: int) -> SlotCache:
+        """Buffers for `slots` independent rows of up to `max_len` positions each."""
+        if not 1 <= max_len <= self.dims.n_positions:
+            raise ValueError(f"max_len {max_len} must be in 1..{self.dims.n_positions} "
+                             "(the model's n_positions)")
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        shape = (slots, self.dims.n_head, max_len, self.dims.head_dim)
+        owners: dict[str, object] = {}
+        pointers: dict[str, int] = {}
+        for name in self._past:
+            if self.device == "cpu":
+                arr = np.zeros(shape, dtype=self._np_dtype)  # lazily committed zero pages
+                owners[name], pointers[name] = arr, arr.ctypes.data
+            else:
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype,
+                                                                self.device, self.device_id)
+                owners[name], pointers[name] = buf, buf.data_ptr()
+        slot_bytes = self.dims.n_head * max_len * self.dims.head_dim \
+            * np.dtype(self._np_dtype).itemsize
+        return SlotCache(owners, pointers, slots, max_len, slot_bytes, self.device,
+                         self.device_id, self._np_dtype)
+
+    def prefill_slot(self, cache: SlotCache, slot: int, ids: Sequence[int], start: int
+                     ) -> np.ndarray:
+        """Append `ids` to slot `slot`, which holds `start` positions; logits of the last one.
+
+        Batch 1 (GroupQueryAttention takes several new tokens over a past only for batch 1):
+        a joining prompt is loaded chunk by chunk with this call. Returns float32 [vocab].
+        """
+        n = len(ids)
+        if n < 1 or not 0 <= start or start + n > cache.max_len:
+            raise ValueError(f"prefill_slot: {n} tokens at position {start} do not fit a slot "
+                             f"of {cache.max_len} positions")
+        logits = self._run_slots(
+            cache, slot, 1,
+            input_ids=np.asarray([ids], dtype=np.int64),  # [1, n]
+            position_ids=np.arange(start, start + n, dtype=np.int64)[None, :],  # [1, n]
+            lengths=np.array([start + n], dtype=np.int64),
+            logits_index=np.array([[n - 1]], dtype=np.int64))
+        return logits[0, 0]
+
+    def decode_slots(self, cache: SlotCache, first: int, tokens: Sequence[int],
+                     held: Sequence[int]) -> np.ndarray:
+        """One new token for each slot of [first, first + len(tokens)); row r holds held[r]
+        positions and writes its token there. Returns float32 logits [rows, vocab]."""
+        held_arr = np.asarray(held, dtype=np.int64)  # [rows]
+        rows = len(tokens)
+        if held_arr.shape != (rows,) or rows < 1:
+            raise ValueError("decode_slots: one held length per token, at least one row")
+        logits = self._run_slots(
+            cache, first, rows,
+            input_ids=np.asarray(tokens, dtype=np.int64)[:, None],  # [rows, 1]
+            position_ids=held_arr[:, None],  # [rows, 1]
+            lengths=held_arr + 1,
+            logits_index=np.zeros((rows, 1), dtype=np.int64))
+        return logits[:, 0, :]
+
+    def _run_slots(self, cache: SlotCache, first: int, rows: int, *, input_ids: np.ndarray,
+                   position_ids: np.ndarray, lengths: np.ndarray, logits_index: np.ndarray
+                   ) -> np.ndarray:
+        """Bind slots [first, first + rows) by address as past and present; run once."""
+        if not 0 <= first or first + rows > cache.slots:
+            raise ValueError(f"slots {first}..{first + rows - 1} outside 0..{cache.slots - 1}")
+        if int(lengths.max()) > cache.max_len:
+            raise ValueError(f"a row would hold {int(lengths.max())} positions; the slots hold "
+                             f"{cache.max_len}")
+        io = self.variant.io
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))
+        if self._feeds_position_ids:
+            binding.bind_cpu_input(io.position_ids,
+                                   np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(self._seqlens_k, (lengths - 1).astype(np.int32))
+        binding.bind_cpu_input(self._total_length, np.array(lengths.max(), dtype=np.int32))
+        binding.bind_cpu_input(self._logits_index,
+                               np.ascontiguousarray(logits_index, dtype=np.int64))
+        shape = [rows, self.dims.n_head, cache.max_len, self.dims.head_dim]
+        for past, present in zip(self._past, self._present, strict=True):
+            ptr = cache.pointers[past] + first * cache.slot_bytes
+            binding.bind_input(past, cache.device, cache.device_id, cache.dtype, shape, ptr)
+            binding.bind_output(present, cache.device, cache.device_id, cache.dtype, shape, ptr)
+        binding.bind_output(io.logits, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()  # bound last: [rows, 1, vocab]
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return logits
+
+    # ------------------------------------------------------------------ the Decoder protocol
     def forward(self, cache: SharedKVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, *, all_logits: bool = False
                 ) -> tuple[np.ndarray, SharedKVCache]:

@@ -1,0 +1,77 @@
+"""`gpt2-onnx serve`: registered on the runtime's CLI; imports the server only when run.
+
+Without the serve extra the command still shows in --help and answers with a one-line install
+hint (this module imports only typer and the runtime's CLI helpers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
+SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
+
+
+def missing_serve_packages() -> list[str]:
+    """Packages of the serve extra that cannot be imported (checked without importing them)."""
+    missing = []
+    for name in SERVE_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken or blocked package counts as missing
+            missing.append(name)
+    return missing
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `serve` command to the `gpt2-onnx` app."""
+    app.command("serve")(serve_cmd)
+
+
+def serve_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory with a shared-KV variant "
+                                                   "(fp32-fused, int8 or int4).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server "
+                                           "on every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one; the URL is printed).")]
+    = 8000,
+    precision: Annotated[str | None, typer.Option(help="Variant to serve [per device].")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
+    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "
+                                                "429.")] = 64,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="GPT2_ONNX_API_KEY", help="Require 'Authorization: Bearer KEY' (also from "
+        "$GPT2_ONNX_API_KEY, which keeps it out of the process list).")] = None,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish after "
+                                              "SIGTERM or Ctrl-C.")] = 30.0,
+    log_prompts: Annotated[bool, typer.Option(help="Log prompt text (off: only counts and "
+                                                   "timings).")] = False,
+) -> None:
+    """Serve the model over HTTP with OpenAI's Completions API (needs the serve extra)."""
+    from gpt2_onnx.runtime.cli import _run, err, fail
+
+    missing = missing_serve_packages()
+    if missing:
+        fail(f"{SERVE_FIX} ({', '.join(missing)} missing)")
+    from gpt2_onnx.serve.server import ServeOptions, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("gpt2_onnx.serve").setLevel(logging.INFO)
+    opts = ServeOptions(model_dir=model_dir, host=host, port=port, precision=precision,
+                        device=device, threads=threads, slots=slots, max_queue=max_queue,
+                        api_key=api_key, grace=grace, log_prompts=log_prompts)
+    try:
+        code = _run(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
+    except OSError as exc:  # the port is taken, the address is not ours
+        fail(str(exc))
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,122 @@
+"""Request bodies (pydantic) and OpenAI's error shape.
+
+Bodies are strict: a wrong type is refused, never coerced ("5" is not 5, true is not 1), and an
+unknown field is an error (as OpenAI answers "Unrecognized request argument"). Every error leaves
+the server as `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Sizes a request may ask for (OpenAI's own limits where it has one).
+MAX_N = 16  # choices per prompt
+MAX_LOGPROBS = 20  # top candidates per token (OpenAI: 5; vLLM: 20)
+MAX_STOP = 4  # stop strings (OpenAI: 4)
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: HTTP status, message, type, param, code."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False  # a last chunk with `usage` and no choices
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: OpenAI's Completions, plus llama.cpp/vLLM's top_k and
+    repetition_penalty."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None  # the served model's id (see GET /v1/models); None: that one
+    prompt: Any  # a string, a list of strings, a list of token ids, or a list of such lists
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0)  # new tokens per choice
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, le=MAX_N)  # choices per prompt; choice j samples with seed+j
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None  # accepted, not logged
+    # Extensions (llama.cpp / vLLM names). top_k -1 or 0: off (OpenAI samples from all tokens).
+    top_k: int | None = Field(None, ge=-1)
+    repetition_penalty: float | None = Field(1.0, gt=0.0)
+    # OpenAI fields accepted only at their neutral value (anything else is a 400 naming it).
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def neutral_fields_problem(self) -> tuple[str, str] | None:
+        """(field, message) for an OpenAI option this server cannot honour, else None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                return name, (f"{name} is not supported (only 0); use repetition_penalty "
+                              "(> 1 discourages repeats)")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of", "best_of is not supported (leave it out or equal to n)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by GPT-2"
+        return None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: `content` (llama.cpp's name) or `prompt` (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    content: str | None = None
+    prompt: str | None = None
+    model: str | None = None
+    add_special_tokens: bool = False  # accepted for vLLM clients; GPT-2 adds none
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tokens: list[int]
+    model: str | None = None
