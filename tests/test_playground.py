@@ -11,12 +11,13 @@ Needs `chromium`, `chromium-driver` (apt) and `selenium` (pip): skipped with a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,10 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium "
                 "chromium-driver)", allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="needs selenium (pip install selenium)")
 
+from conftest import export_dir  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -45,38 +48,35 @@ PROMPT = "The quick brown fox"
 WAIT_S = 60  # generous: the machine is shared
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCH = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path) -> Iterator[str]:
-    """`gpt2-onnx serve` as a real subprocess; yields its base URL once /health says ready."""
-    port = free_port()
-    code = ("import sys\nsys.argv = ['gpt2-onnx', *sys.argv[1:]]\n"
-            "from gpt2_onnx.runtime.cli import main\nmain()\n")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(tiny_dir), "--port",
-                             str(port), "--threads", "1", "--slots", "2"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def running_server(model_dir: Path, *args: str) -> Iterator[str]:
+    """`gpt2-onnx serve` as a real subprocess on a free port (--port 0: the URL is read from
+    its first line); yields the base URL once /health says ready, then SIGTERM."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", str(model_dir), "--port",
+                             "0", "--threads", "1", "--slots", "2", *args],
+                            stdout=subprocess.DEVNULL, stderr=log,
+                            env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
     try:
         deadline = time.monotonic() + 120
+        url = None
         while True:
             if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {log.read().decode()}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+                pytest.fail(f"server exited with {proc.returncode}: {Path(log.name).read_text()}")
+            if url is None:
+                found = re.search(r"http://127\.0\.0\.1:\d+", Path(log.name).read_text())
+                url = found.group(0) if found else None
+            if url is not None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
             if time.monotonic() > deadline:
-                pytest.fail("server not ready within 120 s")
-            time.sleep(0.2)
-        yield base
+                pytest.fail(f"server not ready in 120 s: {Path(log.name).read_text()}")
+            time.sleep(0.1)
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -85,6 +85,19 @@ def server(tiny_dir: Path) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random-init tiny, seed 0, with the fused shared-KV variant the server's engine batches."""
+    return export_dir(tmp_path_factory.mktemp("playground") / "random-tiny-seed0",
+                      random_init="tiny", precisions=("fp32", "fp32-fused"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[str]:
+    with running_server(model_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
