@@ -11,17 +11,11 @@ Needs `chromium`, `chromium-driver` (apt) and `selenium` (pip): skipped with a r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,10 +31,10 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
 webdriver = pytest.importorskip("selenium.webdriver",
                                 reason="needs selenium (pip install selenium)")
 
-from conftest import export_dir  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_harness import running_server  # noqa: E402
 
 TOP_N = 5  # the page's default "candidates shown"
 MAX_TOKENS = 12
@@ -48,55 +42,9 @@ PROMPT = "The quick brown fox"
 WAIT_S = 60  # generous: the machine is shared
 
 
-LAUNCH = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
-
-
-@contextlib.contextmanager
-def running_server(model_dir: Path, *args: str) -> Iterator[str]:
-    """`gpt2-onnx serve` as a real subprocess on a free port (--port 0: the URL is read from
-    its first line); yields the base URL once /health says ready, then SIGTERM."""
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", str(model_dir), "--port",
-                             "0", "--threads", "1", "--slots", "2", *args],
-                            stdout=subprocess.DEVNULL, stderr=log,
-                            env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        url = None
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {Path(log.name).read_text()}")
-            if url is None:
-                found = re.search(r"http://127\.0\.0\.1:\d+", Path(log.name).read_text())
-                url = found.group(0) if found else None
-            if url is not None:
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 120 s: {Path(log.name).read_text()}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """random-init tiny, seed 0, with the fused shared-KV variant the server's engine batches."""
-    return export_dir(tmp_path_factory.mktemp("playground") / "random-tiny-seed0",
-                      random_init="tiny", precisions=("fp32", "fp32-fused"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path) -> Iterator[str]:
-    with running_server(model_dir) as url:
+def server(tiny_fused_dir: Path) -> Iterator[str]:
+    with running_server(tiny_fused_dir) as url:
         yield url
 
 
@@ -340,3 +288,27 @@ def test_page_requests_only_its_own_server(server: str, browser) -> None:
             continue
         assert (parts.scheme, parts.hostname, parts.port) == (
             origin.scheme, origin.hostname, origin.port), u
+
+
+def test_page_asks_for_the_api_key_when_the_server_wants_one(tiny_fused_dir: Path,
+                                                              browser) -> None:
+    key = "page-key-42"
+    with running_server(tiny_fused_dir, "--api-key", key) as base:
+        browser.get(base + "/")  # the page itself is public; its API calls are not
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: d.find_element(By.ID, "key-row").is_displayed())
+        assert "401" in browser.find_element(By.ID, "error").text
+        assert browser.switch_to.active_element.get_attribute("id") == "api-key"
+        browser.switch_to.active_element.send_keys(key, Keys.TAB)  # change -> models again
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: d.find_element(By.ID, "model-name").text == "random-tiny-seed0")
+        assert browser.find_element(By.ID, "error").text == ""
+        browser.get_log("browser")  # the 401 above is logged as a failed resource load
+        generate(browser, PROMPT, max_tokens=4)
+        want = httpx.post(base + "/v1/completions", timeout=WAIT_S,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0}).json()
+        assert browser.execute_script(
+            "return document.getElementById('completion').textContent") \
+            == want["choices"][0]["text"]
+        assert console_errors(browser) == []
