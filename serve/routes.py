@@ -138,8 +138,9 @@ def build_router(state: ServerState) -> APIRouter:
 
     @public.get("/health")
     async def health() -> JSONResponse:
-        if state.phase != "ready":
-            raise _unavailable(state)
+        if state.phase != "ready":  # answered here: health probes are not counted as requests
+            err = _unavailable(state)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         stats = state.engine.stats() if state.engine else None
         return JSONResponse({"status": "ok", "model": state.model_id,
                              "busy_slots": stats.busy_slots if stats else 0,

@@ -41,6 +41,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random-init tiny, seed 0 (tiny_reference's weights), fp32 + the fused shared-KV variant
+    that the engine and the server batch; exported without verify."""
+    return export_dir(tmp_path_factory.mktemp("tiny-fused") / "random-tiny-seed0",
+                      random_init="tiny", precisions=("fp32", "fp32-fused"))
+
+
+@pytest.fixture(scope="session")
 def tiny_reference():
     """The transformers model with the same weights as `tiny_dir`."""
     from gpt2_onnx.export.presets import build_random_model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,72 @@ def test_fresh_venv_with_cpu_extra_only(tiny_dir: Path, tmp_path: Path) -> None:
     size = _du_mb(venv)
     print(f"\nfresh venv with gpt2-onnx[cpu]: {size:.0f} MB, installed in {install_s:.0f} s")
     assert size < 500, f"the runtime environment grew to {size:.0f} MB"
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+def test_server_runs_with_heavy_modules_blocked(tiny_fused_dir: Path, tmp_path: Path) -> None:
+    """`gpt2-onnx serve` (the serve extra on the runtime) answers a completion with torch,
+    transformers and optimum unimportable, and imports nothing of the export half."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    code = BLOCK + textwrap.dedent("""
+        import atexit
+        def report():
+            heavy = sorted(m for m, mod in sys.modules.items() if mod is not None  # not blocked
+                           and (m.split(".")[0] in {HEAVY!r} or m.startswith("gpt2_onnx.export")))
+            print("HEAVY", heavy, file=sys.stderr, flush=True)
+        atexit.register(report)
+        from gpt2_onnx.runtime.cli import main
+        sys.argv = ["gpt2-onnx", "serve", {dir!r}, "--port", "0", "--threads", "1"]
+        main()
+    """).replace("{HEAVY!r}", repr(HEAVY)).replace("{dir!r}", repr(str(tiny_fused_dir)))
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "COLUMNS": "300"})
+        try:
+            url = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                found = [w for w in log.read_text().split() if w.startswith("http://")]
+                if found:
+                    url = found[0]
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                time.sleep(0.05)
+            assert url is not None, log.read_text()
+            res = httpx.post(f"{url}/v1/completions", timeout=60,
+                             json={"prompt": "Paris will", "max_tokens": 4, "temperature": 0})
+            assert res.status_code == 200, res.text
+            assert res.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 4,
+                                           "total_tokens": 6}
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "HEAVY []" in log.read_text(), log.read_text()
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("GPT2_ONNX_VENV_TEST") == "1"),
+                    reason="installs into a fresh venv (minutes); runs in CI or with "
+                           "GPT2_ONNX_VENV_TEST=1")
+def test_fresh_venv_with_serve_extra_has_no_torch(tmp_path: Path) -> None:
+    src = _copy_sources(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, cli = venv / "bin" / "python", venv / "bin" / "gpt2-onnx"
+    install = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-q",
+                              f"{src}[serve]"], capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stdout + install.stderr
+    for heavy in ("torch", "transformers", "optimum", "optimum-onnx"):
+        show = subprocess.run([str(py), "-m", "pip", "show", heavy], capture_output=True,
+                              text=True, timeout=120)
+        assert show.returncode != 0, f"{heavy} got installed with the serve extra"
+    helped = subprocess.run([str(cli), "serve", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0 and "--api-key" in helped.stdout, helped.stderr
