@@ -87,11 +87,3 @@ def odd_reference(odd_checkpoint: Path):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(odd_checkpoint).eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_fused_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """random-init tiny, seed 0 (tiny_reference's weights), fp32 plus the fused shared-KV
-    variant that the server's engine batches."""
-    return export_dir(tmp_path_factory.mktemp("tiny-fused") / "random-tiny-seed0",
-                      random_init="tiny", precisions=("fp32", "fp32-fused"))
