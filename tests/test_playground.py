@@ -5,8 +5,8 @@ The reference for everything the page shows is the server's own API, called with
 greedy text, the top-N log-probabilities of a step, the continuation after a forced token (a
 token-id prompt). The page must also load nothing from another host and log no console error.
 
-Needs `chromium`, `chromium-driver` (apt) and `selenium` (pip): skipped with a reason without them
-(`.ci/run` installs them, so CI runs it).
+Needs `chromium`, `chromium-driver` (apt) and `selenium` (the test extra): skipped with a reason
+without them, an error when `CI` is set (`.ci/run` installs them).
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium "
-                "chromium-driver)", allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver",
-                                reason="needs selenium (pip install selenium)")
+    WHY = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    if os.environ.get("CI"):  # CI installs them (.ci/run): missing there is an error, not a skip
+        pytest.fail(WHY, pytrace=False)
+    pytest.skip(WHY, allow_module_level=True)
+if os.environ.get("CI"):
+    import selenium.webdriver as webdriver
+else:
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="needs selenium (the test extra: pip install selenium)")
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
