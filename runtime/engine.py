@@ -75,6 +75,13 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops
     top_n: int = 0  # > 0: each TokenEvent carries the n most probable candidates (explain mode)
 
+    def __post_init__(self) -> None:
+        # A single string or a list is accepted for `stop` and stored as a tuple.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
     def validate(self, dims: ModelDims) -> None:
         """ValueError naming the setting and its allowed range (prompt-independent checks)."""
         if not isinstance(self.sampling, SamplingSettings):
@@ -168,10 +175,11 @@ class EngineStats:
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token] in float64 (logits: float [vocab])."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = float(x.max())
-    return float(x[token] - top - math.log(np.exp(x - top).sum()))
+    """log softmax(logits)[token] (logits: float [vocab]); exp in the logits' precision, the
+    sum in float64 (4x cheaper than all-float64, same value to ~1e-7)."""
+    top = logits.max()
+    total = np.exp(logits - top).sum(dtype=np.float64)
+    return float(logits[token] - top) - math.log(float(total))
 
 
 class Sequence:
@@ -474,9 +482,13 @@ class Engine:
 
     slots: requests decoded together (each holds one slot's KV buffers of max_len positions).
     max_queue: requests that may wait for a slot; one more raises QueueFullError.
-    prefill_chunk: prompt tokens loaded per step while others decode (smaller: smoother
-      inter-token latency for running requests, slower loading of the joining one). With no
-      request decoding, a joining prompt is loaded in one run.
+    prefill_chunk: at most this many prompt tokens are loaded per step while others decode
+      (smaller: smoother inter-token latency for running requests, slower loading of the joining
+      one). With no request decoding, a joining prompt is loaded in one run.
+    prefill_budget: the time a chunk may take, as a fraction of a decode run (measured as the
+      engine goes): the chunk size adapts (grows by a quarter while under budget, shrinks in
+      proportion when over), so the running requests' inter-token time stays under
+      (1 + budget) x their step time on any model and machine. None: always prefill_chunk.
     max_len: positions per slot (default the model's n_positions); prompt + new tokens must fit.
     idle_stop: when set, the thread exits (and the buffers are freed) after this many idle
       seconds, and restarts on the next submit (TextGenerator's own engine uses this).
@@ -484,7 +496,7 @@ class Engine:
 
     def __init__(self, generator: TextGenerator, slots: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 64, max_len: int | None = None,
-                 idle_stop: float | None = None) -> None:
+                 idle_stop: float | None = None, prefill_budget: float | None = 0.6) -> None:
         from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 
         dims = generator.manifest.dims
@@ -498,6 +510,10 @@ class Engine:
                 or not 2 <= max_len <= dims.n_positions:
             raise ValueError(f"max_len must be in [2, {dims.n_positions}] (n_positions), "
                              f"got {max_len!r}")
+        if prefill_budget is not None and (isinstance(prefill_budget, bool) or not isinstance(
+                prefill_budget, (int, float)) or not 0 < prefill_budget <= 100):
+            raise ValueError(f"prefill_budget must be None or in (0, 100], got "
+                             f"{prefill_budget!r}")
         if idle_stop is not None and not idle_stop > 0:
             raise ValueError(f"idle_stop must be None or > 0 seconds, got {idle_stop!r}")
         if not isinstance(generator.decoder, SharedKVDecoder):
@@ -514,6 +530,9 @@ class Engine:
         self.slots = slots
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self._chunk = min(2, prefill_chunk)  # the adaptive chunk size (prefill_budget)
+        self._decode_s: float | None = None  # moving average of a decode run's seconds
         self.max_len = max_len
         self.idle_stop = idle_stop
         self._cond = threading.Condition()
@@ -721,18 +740,37 @@ class Engine:
         feed = s.req.seq.feed
         # Chunks matter only while others decode; alone, the whole prompt goes in one run.
         decoding = any(x is not None and x.next_token is not None for x in self._active)
-        size = self.prefill_chunk if decoding else len(feed) - s.prefilled
+        if not decoding:
+            size = len(feed) - s.prefilled
+        elif self.prefill_budget is None:
+            size = self.prefill_chunk
+        else:
+            size = self._chunk
         chunk = feed[s.prefilled:s.prefilled + size]
+        t0 = time.perf_counter()
         try:
             logits = self.decoder.prefill_slot(cache, i, chunk, s.held)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             self._fail(i, s, exc)
             return
+        if decoding and self._decode_s is not None and len(chunk) == size:
+            self._adapt_chunk(len(chunk), time.perf_counter() - t0)
         self._counts["prefill_chunks"] += 1
         s.prefilled += len(chunk)
         s.held += len(chunk)
         if s.prefilled == len(feed):
             self._accept(i, s, logits)
+
+    def _adapt_chunk(self, n: int, seconds: float) -> None:
+        """Next chunk size from this one's time against the budget (a decode run's share)."""
+        if self.prefill_budget is None or self._decode_s is None:
+            return
+        target = self.prefill_budget * self._decode_s
+        if seconds <= target:
+            n = n + max(1, n // 4)
+        else:
+            n = int(n * target / seconds)
+        self._chunk = max(1, min(self.prefill_chunk, n))
 
     def _decode(self, cache: SlotCache, rows: list[tuple[int, _Slot]]) -> None:
         first, last = rows[0][0], rows[-1][0]
@@ -747,12 +785,15 @@ class Engine:
                 # which the slot's next prefill chunk (or admission) overwrites.
                 tokens.append(0)
                 held.append(s.held if s is not None else 0)
+        t0 = time.perf_counter()
         try:
             logits = self.decoder.decode_slots(cache, first, tokens, held)  # [rows, vocab]
         except Exception as exc:  # noqa: BLE001 - the rows of this run fail, the engine goes on
             for i, s in rows:
                 self._fail(i, s, exc)
             return
+        took = time.perf_counter() - t0
+        self._decode_s = took if self._decode_s is None else 0.8 * self._decode_s + 0.2 * took
         self._counts["steps"] += 1
         for i, s in rows:
             s.held += 1

@@ -35,6 +35,7 @@ FINISH_REASONS = ("length", "eos", "stop")  # "cancelled" and "error" too on the
 # loaded per step while others decode, seconds idle before its thread and buffers go away.
 ENGINE_SLOTS = 8
 ENGINE_PREFILL_CHUNK = 64
+ENGINE_PREFILL_BUDGET = 0.6  # a prefill chunk's share of a decode run's time (Engine)
 ENGINE_IDLE_STOP = 5.0
 ENGINE_MAX_QUEUE = 1 << 20  # generate() queues any number of prompts
 # Variants that run well without prepacked weights (plain float MatMuls, no MatMulNBits).
@@ -89,6 +90,7 @@ class TextGenerator:
     # call runs its own static batch in the caller's thread (the behaviour before the engine).
     engine_slots: int = ENGINE_SLOTS
     engine_prefill_chunk: int = ENGINE_PREFILL_CHUNK
+    engine_prefill_budget: float | None = ENGINE_PREFILL_BUDGET
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
                  device: str, model_dir: Path) -> None:
@@ -365,13 +367,14 @@ class TextGenerator:
     def engine(self) -> Engine:
         """This generator's own engine (created on first use, shared by every thread calling
         generate/stream; its thread and KV buffers go away after ENGINE_IDLE_STOP idle seconds
-        and come back on the next call). Settings: ENGINE_SLOTS, ENGINE_PREFILL_CHUNK."""
+        and come back on the next call). Settings: the engine_* attributes."""
         from gpt2_onnx.runtime.engine import Engine
 
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self, slots=self.engine_slots, max_queue=ENGINE_MAX_QUEUE,
                                       prefill_chunk=self.engine_prefill_chunk,
+                                      prefill_budget=self.engine_prefill_budget,
                                       idle_stop=ENGINE_IDLE_STOP).start()
             return self._engine
 

@@ -55,8 +55,14 @@ def create_app(state: ServerState, *, max_body_bytes: int = MAX_BODY_BYTES,
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         kind = first.get("type", "")
+        ctype = request.headers.get("content-type", "")
         if kind == "json_invalid":
             message = "the body is not valid JSON"
+        elif not loc and "json" not in ctype:
+            # Kept strict (FastAPI's default): a web page cannot post a plain form to a local
+            # server without a CORS preflight.
+            message = (f"send the body as JSON with 'Content-Type: application/json' (got "
+                       f"{ctype or 'no Content-Type'})")
         elif kind == "missing" and not loc:
             message = "the body is missing: send a JSON object"
         else:

@@ -372,9 +372,25 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
                     for ids, t in zip(rows, texts, strict=True)]
     job = _Job(state, body, rid, rows, prompt_texts, choices, started)
     if body.stream:
-        return StreamingResponse(job.stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return _EventStream(job)
     return await job.respond(request)
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of a job; whatever happens to the connection (even a client gone before
+    the first byte, when the stream never starts), the job's requests end with it."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(job.stream(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Request-Id": job.rid})
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _cancel(self.job.choices)
+            self.job._finish("cancelled")  # a no-op when the stream finished it
 
 
 def _cancel(choices: list[_Choice]) -> None:
@@ -401,6 +417,7 @@ class _Job:
         self.gen = gen
         self.echo = bool(body.echo)
         self.logprobs = body.logprobs
+        self._finished = False
         self._piece = lru_cache(maxsize=4096)(
             lambda t: gen.tokenizer.decode([t], skip_special_tokens=False))
 
@@ -438,7 +455,10 @@ class _Job:
                 t.cancel()
 
     def _finish(self, outcome: str) -> None:
-        """Untrack, count, log (prompt text only when asked for)."""
+        """Untrack, count, log (prompt text only when asked for). Once per job."""
+        if self._finished:
+            return
+        self._finished = True
         state = self.state
         state._untrack(self.rid)
         state.metrics.requests.labels(outcome).inc()
@@ -463,16 +483,13 @@ class _Job:
     async def respond(self, request: Request) -> Response:
         """Wait for every choice (a client that disconnects cancels them), answer JSON."""
         outcome = "error"
+        collect = asyncio.ensure_future(self._collect())
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            collect = asyncio.ensure_future(self._collect())
-            gone = asyncio.ensure_future(_disconnected(request))
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not collect.done():
                 outcome = "cancelled"
-                _cancel(self.choices)
-                collect.cancel()
                 return Response(status_code=499)  # nobody reads it
-            gone.cancel()
             collect.result()
             failed = [c.done for c in self.choices if c.done and c.done.finish_reason == "error"]
             if failed:
@@ -490,6 +507,8 @@ class _Job:
                                 headers={"X-Request-Id": self.rid})
         finally:
             _cancel(self.choices)  # a no-op for finished requests
+            collect.cancel()
+            gone.cancel()
             self._finish(outcome)
 
     async def _collect(self) -> None:
@@ -609,7 +628,9 @@ class _Job:
         for ids, text in zip(self.rows, self.prompt_texts, strict=True):
             lp = _empty_logprobs()
             if ids:
-                logits = batch_logits(self.gen.decoder, [ids])[0]  # [len, vocab]
+                # one forward returning every position's logits (the shared-KV graphs pick
+                # the rows through logits_index)
+                logits = batch_logits(self.gen.decoder, [ids], mode="all")[0]  # [len, vocab]
                 targets = np.asarray(ids[1:], dtype=np.int64)
                 scores = log_softmax_at(logits[:-1], targets)  # [len - 1]
                 pieces = [self._piece(int(t)) for t in ids]

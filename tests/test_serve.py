@@ -331,6 +331,10 @@ def test_bad_parameters_are_400_naming_the_field(http, body, param) -> None:
 def test_bad_json_and_other_routes(http) -> None:
     _assert_error(http.post("/v1/completions", content=b"{not json",
                             headers={"content-type": "application/json"}), 400)
+    err = _assert_error(http.post("/v1/completions", content=b'{"prompt": "x"}',
+                                  headers={"content-type": "application/x-www-form-urlencoded"}),
+                        400)
+    assert "Content-Type: application/json" in err["message"]
     _assert_error(http.post("/detokenize", json={"tokens": [70000]}), 400, "tokens")
     _assert_error(http.post("/tokenize", json={}), 400, "content")
     err = _assert_error(http.post("/v1/chat/completions", json={"messages": []}), 404)
@@ -412,6 +416,19 @@ def test_queue_full_is_429_then_disconnect_frees_the_slots(http, server) -> None
     # Generation stopped: far fewer tokens than the 5 x 250 asked for.
     made = after["gpt2onnx_generation_tokens_total"] - before["gpt2onnx_generation_tokens_total"]
     assert made < (SLOTS + MAX_QUEUE) * 250 // 2
+
+
+def test_disconnect_while_waiting_for_a_plain_response_frees_the_slots(server) -> None:
+    before = _wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(
+            timeout=httpx.Timeout(60, read=0.1), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        c.post(f"{server.url}/v1/completions",  # two waves of 254 steps: far beyond 0.1 s
+               json={"prompt": "Paris will", "max_tokens": 254, "n": SLOTS + MAX_QUEUE})
+    after = _wait_idle(server)  # the client gave up: the slots are free again
+    assert after['gpt2onnx_requests_total{outcome="cancelled"}'] \
+        == before['gpt2onnx_requests_total{outcome="cancelled"}'] + 1
+    made = after["gpt2onnx_generation_tokens_total"] - before["gpt2onnx_generation_tokens_total"]
+    assert made < (SLOTS + MAX_QUEUE) * 254
 
 
 def test_concurrent_streams_each_equal_their_solo_result(server, gen) -> None:
