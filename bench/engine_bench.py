@@ -59,7 +59,7 @@ class Config:
     threads: int = 2
     slots: int = 8
     prefill_chunk: int = 64
-    prefill_budget: float | None = 0.6
+    prefill_budget: float | None = 0.8
     rates: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
     requests_per_rate: int = 16
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -416,7 +416,7 @@ def parse(argv: list[str] | None) -> Config:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--prefill-chunk", type=int, default=64,
                     help="at most this many prompt tokens loaded per step while others decode")
-    ap.add_argument("--prefill-budget", type=float, default=0.6,
+    ap.add_argument("--prefill-budget", type=float, default=0.8,
                     help="a chunk's share of a decode run's time (0: fixed --prefill-chunk)")
     ap.add_argument("--rates", default="0.05,0.1,0.2,0.4", help="Poisson arrival rates, req/s")
     ap.add_argument("--requests-per-rate", type=int, default=16)

@@ -485,10 +485,11 @@ class Engine:
     prefill_chunk: at most this many prompt tokens are loaded per step while others decode
       (smaller: smoother inter-token latency for running requests, slower loading of the joining
       one). With no request decoding, a joining prompt is loaded in one run.
-    prefill_budget: the time a chunk may take, as a fraction of a decode run (measured as the
-      engine goes): the chunk size adapts (grows by a quarter while under budget, shrinks in
-      proportion when over), so the running requests' inter-token time stays under
-      (1 + budget) x their step time on any model and machine. None: always prefill_chunk.
+    prefill_budget: the time a chunk may take, as a fraction of a decode run (both measured as
+      the engine goes): the chunk size adapts so the running requests' inter-token time stays
+      near (1 + budget) x their step time on any model and machine, but a chunk never shrinks
+      below the size where its fixed cost (one read of the weights) is 2/3 of its time. None:
+      always prefill_chunk tokens.
     max_len: positions per slot (default the model's n_positions); prompt + new tokens must fit.
     idle_stop: when set, the thread exits (and the buffers are freed) after this many idle
       seconds, and restarts on the next submit (TextGenerator's own engine uses this).
@@ -496,7 +497,7 @@ class Engine:
 
     def __init__(self, generator: TextGenerator, slots: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 64, max_len: int | None = None,
-                 idle_stop: float | None = None, prefill_budget: float | None = 0.6) -> None:
+                 idle_stop: float | None = None, prefill_budget: float | None = 0.8) -> None:
         from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 
         dims = generator.manifest.dims
@@ -532,6 +533,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self._chunk = min(2, prefill_chunk)  # the adaptive chunk size (prefill_budget)
+        self._chunk_times: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, seconds)
         self._decode_s: float | None = None  # moving average of a decode run's seconds
         self.max_len = max_len
         self.idle_stop = idle_stop
@@ -753,8 +755,11 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             self._fail(i, s, exc)
             return
-        if decoding and self._decode_s is not None and len(chunk) == size:
-            self._adapt_chunk(len(chunk), time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        if len(chunk) > 1 or decoding:  # every prefill run informs the chunk-cost fit
+            self._chunk_times.append((len(chunk), took))
+        if decoding and len(chunk) == size:
+            self._adapt_chunk(len(chunk), took)
         self._counts["prefill_chunks"] += 1
         s.prefilled += len(chunk)
         s.held += len(chunk)
@@ -762,15 +767,29 @@ class Engine:
             self._accept(i, s, logits)
 
     def _adapt_chunk(self, n: int, seconds: float) -> None:
-        """Next chunk size from this one's time against the budget (a decode run's share)."""
+        """Next chunk size from the chunks' measured times against the budget.
+
+        A chunk costs about a + b*n seconds: a fixed part (each run reads every weight, which a
+        decode run pays too) and a per-token part, fitted over the recent chunks. The size aims
+        at `prefill_budget` x a decode run's time, but never below a/(2b) tokens (where the fixed
+        part is two thirds of the chunk's time): where one weight read already exceeds the
+        budget, a smaller chunk would only slow the joining prompt, barely the others. Growth is at
+        most a quarter per step (no jump far past the budget on a noisy fit)."""
         if self.prefill_budget is None or self._decode_s is None:
             return
         target = self.prefill_budget * self._decode_s
-        if seconds <= target:
-            n = n + max(1, n // 4)
-        else:
-            n = int(n * target / seconds)
-        self._chunk = max(1, min(self.prefill_chunk, n))
+        sizes = np.array([x for x, _ in self._chunk_times], dtype=np.float64)
+        times = np.array([t for _, t in self._chunk_times], dtype=np.float64)
+        grow = n + max(1, n // 4)
+        if np.unique(sizes).size >= 2:
+            b, a = np.polyfit(sizes, times, 1)  # seconds per token, fixed seconds
+            if b > 0:
+                a = max(a, 0.0)
+                want = max((target - a) / b, a / (2 * b))
+                self._chunk = max(1, min(self.prefill_chunk, grow, int(want)))
+                return
+        self._chunk = max(1, min(self.prefill_chunk, grow if seconds <= target
+                                 else int(n * target / seconds)))
 
     def _decode(self, cache: SlotCache, rows: list[tuple[int, _Slot]]) -> None:
         first, last = rows[0][0], rows[-1][0]

@@ -35,7 +35,7 @@ FINISH_REASONS = ("length", "eos", "stop")  # "cancelled" and "error" too on the
 # loaded per step while others decode, seconds idle before its thread and buffers go away.
 ENGINE_SLOTS = 8
 ENGINE_PREFILL_CHUNK = 64
-ENGINE_PREFILL_BUDGET = 0.6  # a prefill chunk's share of a decode run's time (Engine)
+ENGINE_PREFILL_BUDGET = 0.8  # a prefill chunk's share of a decode run's time (Engine)
 ENGINE_IDLE_STOP = 5.0
 ENGINE_MAX_QUEUE = 1 << 20  # generate() queues any number of prompts
 # Variants that run well without prepacked weights (plain float MatMuls, no MatMulNBits).

@@ -120,13 +120,15 @@ class SharedKVDecoder:
         shape = (slots, self.dims.n_head, max_len, self.dims.head_dim)
         owners: dict[str, object] = {}
         pointers: dict[str, int] = {}
+        zeros = None if self.device == "cpu" else np.zeros(shape, dtype=self._np_dtype)
         for name in self._past:
-            if self.device == "cpu":
+            if zeros is None:
                 arr = np.zeros(shape, dtype=self._np_dtype)  # lazily committed zero pages
                 owners[name], pointers[name] = arr, arr.ctypes.data
             else:
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype,
                                                                 self.device, self.device_id)
+                buf.update_inplace(zeros)  # no stale NaN where a kernel masks by multiplying
                 owners[name], pointers[name] = buf, buf.data_ptr()
         slot_bytes = self.dims.n_head * max_len * self.dims.head_dim \
             * np.dtype(self._np_dtype).itemsize

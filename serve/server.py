@@ -65,6 +65,8 @@ class ServeOptions:
             problems.append(f"grace must be >= 0 seconds, got {self.grace}")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("api_key must not be empty")
+        if self.model_id is not None and not self.model_id.strip():
+            problems.append("model name must not be empty")
         if problems:
             raise ValueError("; ".join(problems))
 

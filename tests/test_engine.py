@@ -127,7 +127,7 @@ def workloads(draw, n_positions: int):
                      arrival, cancel))
     slots = draw(st.integers(1, 4))
     chunk = draw(st.sampled_from([1, 3, 16, 64]))
-    budget = draw(st.sampled_from([None, None, 0.6]))  # None: exactly `chunk` tokens per step
+    budget = draw(st.sampled_from([None, None, 0.8]))  # None: exactly `chunk` tokens per step
     data_seed = draw(st.integers(0, 2**16))
     return reqs, slots, chunk, budget, data_seed
 
@@ -495,7 +495,7 @@ def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
 
     monkeypatch.setattr(tiny.decoder, "prefill_slot", recording)
     params = GenerationParams(max_new_tokens=200, sampling=GREEDY)
-    engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.6)
+    engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.8)
     runners = [engine.submit([5, 6, 7], params), engine.submit([8], params)]
     for _ in range(5):
         engine.step()
@@ -552,3 +552,27 @@ def test_many_engine_generations_do_not_grow_rss(tiny: TextGenerator) -> None:
         one(i)
     gc.collect()
     assert (rss() - before) / before < 0.05
+
+
+def test_static_batches_on_request_give_the_same_events(tiny: TextGenerator) -> None:
+    """engine_slots = 0: every call runs its own static batch (the behaviour before the engine,
+    kept for comparison); the same tokens and events as on the engine."""
+    static = TextGenerator(tiny.manifest, tiny.tokenizer, tiny.decoder, tiny.device,
+                           tiny.model_dir)
+    static.engine_slots = 0
+    assert tiny.uses_engine and not static.uses_engine
+    ids = tiny.encode("Once upon a time")
+    params = GenerationParams(max_new_tokens=12, seed=2, top_n=3, stop=("\n\n\n",))
+    on_engine = list(tiny.stream_events(ids, params))
+    on_static = list(static.stream_events(ids, params))
+    assert [(e.token_id, e.text, [c.id for c in e.top]) for e in on_engine[:-1]] == \
+        [(e.token_id, e.text, [c.id for c in e.top]) for e in on_static[:-1]]
+    for a, b in zip(on_engine[:-1], on_static[:-1], strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    done_e, done_s = on_engine[-1], on_static[-1]
+    assert (done_e.text, done_e.ids, done_e.finish_reason) == \
+        (done_s.text, done_s.ids, done_s.finish_reason)
+    assert static.generate_ids([ids], max_new_tokens=12, seed=2)[0].ids == \
+        tiny.generate_ids([ids], max_new_tokens=12, seed=2)[0].ids
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static.stream_events(ids, GenerationParams(max_new_tokens=-1))

@@ -494,7 +494,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(model_dir, tmp_path) -> 
 
 
 def test_ctrl_c_past_the_grace_cancels_and_exits_0(model_dir, tmp_path) -> None:
-    srv = Server(model_dir, tmp_path / "cut.log", "--slots", "1", "--grace", "0")
+    srv = Server(model_dir, tmp_path / "cut.log", "--slots", "1", "--grace", "0",
+                 "--model-name", "gpt2-tiny")
+    assert httpx.get(f"{srv.url}/v1/models", timeout=10).json()["data"][0]["id"] == "gpt2-tiny"
     try:
         with _stream(srv, {"prompt": "Paris will", "max_tokens": 250}) as resp:
             chunks = _sse(resp.iter_lines())
