@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from gpt2_onnx.runtime.cli import DEVICE_HELP, PRECISION_HELP
+
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
 
@@ -41,9 +43,10 @@ def serve_cmd(
                                            "on every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one; the URL is printed).")]
     = 8000,
-    precision: Annotated[str | None, typer.Option(help="Variant to serve [per device].")]
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP + " It must keep its KV "
+                                                  "cache in shared slots (kv_layout shared).")]
     = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "

@@ -24,6 +24,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+pytest.importorskip("fastapi")  # the serve extra, as in test_serve.py
+pytest.importorskip("uvicorn")
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
