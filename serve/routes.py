@@ -208,7 +208,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     if state.generator is not None:
         card["max_model_len"] = state.generator.manifest.dims.n_positions
         card["precision"] = state.generator.precision
-        card["device"] = state.generator.device
+        card["device"] = str(state.generator.device)  # "cpu", "cuda" or "cuda:N"
     return card
 
 

@@ -138,7 +138,7 @@ def test_plain_openai_shape_without_the_extension(server: str) -> None:
 
 def test_model_card_device_and_no_ui(server: str, gen: TextGenerator) -> None:
     card = httpx.get(server + "/v1/models", timeout=10).json()["data"][0]
-    assert card["device"] == "cpu" == gen.device
+    assert card["device"] == "cpu" == str(gen.device)
     assert card["precision"] == "fp32-fused"
     r = httpx.get(server + "/", timeout=10)  # --no-ui: no page
     assert r.status_code == 404
