@@ -23,8 +23,10 @@ _OUTCOME = {400: "invalid", 401: "unauthorized", 404: "invalid", 405: "invalid",
             413: "invalid", 422: "invalid", 429: "rejected", 503: "unavailable"}
 
 
-def create_app(state: ServerState, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """An ASGI app serving `state` (see routes.ServerState)."""
+def create_app(state: ServerState, *, max_body_bytes: int = MAX_BODY_BYTES,
+               ui: bool = True) -> FastAPI:
+    """An ASGI app serving `state` (see routes.ServerState); `ui`: the playground page at
+    GET / (gpt2_onnx.serve.ui)."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
             or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
@@ -32,6 +34,10 @@ def create_app(state: ServerState, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
                   docs_url="/docs", redoc_url=None)
     app.state.gpt2_onnx = state
     app.include_router(build_router(state))
+    if ui:
+        from gpt2_onnx.serve.ui import build_ui_router
+
+        app.include_router(build_ui_router())
 
     def answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None
                ) -> JSONResponse:

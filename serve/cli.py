@@ -66,6 +66,8 @@ def serve_cmd(
                                                    "timings).")] = False,
     model_name: Annotated[str | None, typer.Option(
         help="The model id clients send and /v1/models lists [the directory's name].")] = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the playground page at GET / "
+                                     "(a browser UI over the same API).")] = True,
 ) -> None:
     """Serve the model over HTTP with OpenAI's Completions API (needs the serve extra)."""
     from gpt2_onnx.runtime.cli import _run, err, fail
@@ -80,7 +82,7 @@ def serve_cmd(
     opts = ServeOptions(model_dir=model_dir, host=host, port=port, precision=precision,
                         device=device, threads=threads, slots=slots, max_queue=max_queue,
                         api_key=api_key, grace=grace, log_prompts=log_prompts,
-                        model_id=model_name)
+                        model_id=model_name, ui=ui)
     try:
         code = _run(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
     except OSError as exc:  # the port is taken, the address is not ours

@@ -13,6 +13,7 @@ seed + j, so choice 0 equals a lone run with that seed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -207,6 +208,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     if state.generator is not None:
         card["max_model_len"] = state.generator.manifest.dims.n_positions
         card["precision"] = state.generator.precision
+        card["device"] = str(state.generator.device)  # "cpu", "cuda" or "cuda:N"
     return card
 
 
@@ -526,8 +528,10 @@ class _Job:
             for ev in c.tokens:
                 _extend(lp, self._token_logprobs(ev, offset))
                 offset += len(ev.text)
-        return {"index": c.index, "text": prefix + c.done.text, "logprobs": lp,
-                "finish_reason": _finish_reason(c.done)}
+        choice = {"index": c.index, "text": prefix + c.done.text, "logprobs": lp,
+                  "finish_reason": _finish_reason(c.done)}
+        self._extras(choice, list(c.done.ids), c.done)
+        return choice
 
     # ------------------------------------------------------------------ streaming
     async def stream(self) -> AsyncIterator[str]:
@@ -551,7 +555,7 @@ class _Job:
                     if self.logprobs is not None:
                         lp = self._token_logprobs(ev, c.emitted)
                     c.emitted += len(ev.text)
-                    yield self._chunk(c, ev.text, lp, None)
+                    yield self._chunk(c, ev.text, lp, None, [ev.token_id])
                 elif ev.finish_reason == "error":
                     outcome = "error"
                     yield _sse({"error": {"message": f"generation failed: {ev.error}",
@@ -564,7 +568,7 @@ class _Job:
                                           "type": "service_unavailable", "param": None,
                                           "code": "cancelled"}})
                 else:
-                    yield self._chunk(c, ev.tail, None, _finish_reason(ev))
+                    yield self._chunk(c, ev.tail, None, _finish_reason(ev), done=ev)
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield _sse({"id": self.rid, "object": "text_completion",
                             "created": self.created, "model": self.state.model_id,
@@ -579,11 +583,21 @@ class _Job:
             self._finish(outcome)
 
     def _chunk(self, c: _Choice, text: str, lp: dict[str, list[Any]] | None,
-               finish: str | None) -> str:
+               finish: str | None, ids: list[int] | None = None,
+               done: DoneEvent | None = None) -> str:
+        choice: dict[str, Any] = {"index": c.index, "text": text, "logprobs": lp,
+                                  "finish_reason": finish}
+        self._extras(choice, ids or [], done)
         return _sse({"id": self.rid, "object": "text_completion", "created": self.created,
-                     "model": self.state.model_id,
-                     "choices": [{"index": c.index, "text": text, "logprobs": lp,
-                                  "finish_reason": finish}]})
+                     "model": self.state.model_id, "choices": [choice]})
+
+    def _extras(self, choice: dict[str, Any], ids: list[int], done: DoneEvent | None) -> None:
+        """Extensions of a choice: `token_ids` (with return_token_ids) and, once it is done,
+        the engine's `timings` (ms and tokens/s, as llama.cpp's server reports them)."""
+        if self.body.return_token_ids:
+            choice["token_ids"] = ids
+        if done is not None:
+            choice["timings"] = dataclasses.asdict(done.timings)
 
     # ------------------------------------------------------------------ logprobs
     def _token_logprobs(self, ev: TokenEvent, offset: int) -> dict[str, list[Any]]:
@@ -592,9 +606,14 @@ class _Job:
         piece = self._piece(ev.token_id)
         top = {c.text: _log(c.prob) for c in ev.top}
         top.setdefault(piece, ev.logprob)
-        return {"tokens": [piece], "token_logprobs": [ev.logprob],
-                "top_logprobs": [top if self.logprobs else {piece: ev.logprob}],
-                "text_offset": [offset]}
+        lp: dict[str, list[Any]] = {
+            "tokens": [piece], "token_logprobs": [ev.logprob],
+            "top_logprobs": [top if self.logprobs else {piece: ev.logprob}],
+            "text_offset": [offset]}
+        if self.body.return_token_ids:
+            lp["top_candidates"] = [[{"id": c.id, "token": c.text, "logprob": _log(c.prob)}
+                                     for c in ev.top]]
+        return lp
 
     async def _prompt_logprobs(self) -> list[dict[str, list[Any]]] | None:
         """echo + logprobs: each prompt token's log-prob under the model (the first has none),
@@ -621,15 +640,22 @@ class _Job:
                 lp["tokens"] = pieces
                 lp["token_logprobs"] = [None] + [float(s) for s in scores]
                 tops: list[dict[str, float] | None] = [None]
+                cands: list[list[dict[str, Any]] | None] = [None]
                 for row, tok, score in zip(logits[:-1], ids[1:], scores, strict=True):
                     top: dict[str, float] = {}
+                    cands.append([])
                     if k:
                         cids, probs = top_candidates(row, k)
+                        cands[-1] = [{"id": int(i), "token": self._piece(int(i)),
+                                      "logprob": _log(p)} for i, p in zip(cids, probs,
+                                                                          strict=True)]
                         top = {self._piece(int(i)): _log(p) for i, p in zip(cids, probs,
                                                                             strict=True)}
                     top.setdefault(self._piece(int(tok)), float(score))
                     tops.append(top)
                 lp["top_logprobs"] = tops
+                if self.body.return_token_ids:
+                    lp["top_candidates"] = cands
                 lp["text_offset"] = offsets
             out.append(lp)
         return out
@@ -641,7 +667,7 @@ def _empty_logprobs() -> dict[str, list[Any]]:
 
 def _extend(into: dict[str, list[Any]], more: dict[str, list[Any]]) -> None:
     for key, values in more.items():
-        into[key].extend(values)
+        into.setdefault(key, []).extend(values)
 
 
 def _log(p: float) -> float:

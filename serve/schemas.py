@@ -70,6 +70,9 @@ class CompletionRequest(BaseModel):
     # Extensions (llama.cpp / vLLM names). top_k -1 or 0: off (OpenAI samples from all tokens).
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(1.0, gt=0.0)
+    # vLLM's name: each choice carries its `token_ids`, and `logprobs` a `top_candidates` list
+    # per token ({id, token, logprob}: ids a client can send back as a token-id prompt).
+    return_token_ids: bool | None = False
     # OpenAI fields accepted only at their neutral value (anything else is a 400 naming it).
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0

@@ -48,6 +48,7 @@ class ServeOptions:
     grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM / Ctrl-C
     log_prompts: bool = False
     model_id: str | None = None  # default: the model directory's name
+    ui: bool = True  # the playground page at GET / (--no-ui: off)
 
     def validate(self) -> None:
         """ValueError naming every setting outside its range (before anything starts)."""
@@ -144,7 +145,7 @@ def serve(opts: ServeOptions, say: Callable[[str], None] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     state = ServerState(model_id=model_id, api_key=opts.api_key, log_prompts=opts.log_prompts)
-    app = create_app(state)
+    app = create_app(state, ui=opts.ui)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
     server = _DrainingServer(config, state, opts.grace, say)

@@ -240,3 +240,8 @@ def test_fresh_venv_with_serve_extra_has_no_torch(tmp_path: Path) -> None:
     helped = subprocess.run([str(cli), "serve", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert helped.returncode == 0 and "--api-key" in helped.stdout, helped.stderr
+    # the playground page ships as package data of the installed (not editable) package
+    page = subprocess.run([str(py), "-c", "from gpt2_onnx.serve.ui import page_html; "
+                           "print(page_html().count('<script>'))"], capture_output=True,
+                          text=True, timeout=120)
+    assert page.returncode == 0 and page.stdout.strip() == "1", page.stderr
