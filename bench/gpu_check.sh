@@ -148,7 +148,8 @@ step "pytest ${pytest_args[*]}" 150 python3 -m pytest "${pytest_args[@]}"
 
 # ------------------------------------------------------------------ export fp32 + fp16
 model="$work/random-$preset"
-step "export $preset fp32" 200 gpt2 export --random-init "$preset" --out "$model" --force --no-verify
+step "export $preset fp32" 200 gpt2 export --random-init "$preset" --out "$model" --force --no-verify \
+  --precision fp32
 step "add fp16 variant" 150 python3 -c \
   'import sys; from gpt2_onnx.export.fp16 import add_fp16_variant; print(add_fp16_variant(sys.argv[1]))' \
   "$model"

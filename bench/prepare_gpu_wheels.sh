@@ -19,7 +19,7 @@ set -euo pipefail
 dest=".gpu-wheels"
 part_size="55M"          # 64 MiB per call holds one part + the working tree (~2 MB)
 ort_spec="onnxruntime-gpu==1.31.1"
-# The export extra's versions known to work together (shared/FACTS.md), for Python 3.12 there:
+# The export extra's versions known to work together (docs/facts.md), for Python 3.12 there:
 # the H200 image has transformers 5.x (no ONNX exporter) and huggingface_hub 1.x (transformers
 # 4.57 refuses it at import), so these travel too. torch, onnx, numpy, typer, rich are there.
 small_specs="transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2 optimum==2.1.0 optimum-onnx==0.1.0"

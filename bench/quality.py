@@ -37,10 +37,10 @@ from train_yardstick import (  # noqa: E402  (a script beside this one)
     tokens_sha256,
 )
 
-from gpt2_onnx.export.thresholds import THRESHOLDS  # noqa: E402
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 from gpt2_onnx.runtime.manifest import read_manifest  # noqa: E402
 from gpt2_onnx.runtime.scoring import batch_logits, log_softmax  # noqa: E402
+from gpt2_onnx.runtime.variants import thresholds_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -141,7 +141,8 @@ def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens:
         gen = TextGenerator.load(model_dir, device=device, precision=p, threads=threads)
         runners.append((p, gen, lambda seqs, g=gen: np.stack(batch_logits(g.decoder,
                                                                           list(seqs)))))
-    accs = {name: _Accumulator(margin=THRESHOLDS.get(name, {}).get("top1_margin", 0.0))
+    accs = {name: _Accumulator(margin=0.0 if name == "pytorch-fp32" else
+                               thresholds_for(name).get("top1_margin", 0.0))
             for name, _, _ in runners}
     seconds = dict.fromkeys(accs, 0.0)
     # Chunk-major: fp32's log-distributions are computed once per batch of chunks.
@@ -250,7 +251,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "top-1 held-out: argmax equal to PyTorch fp32's at each held-out position (teacher-forced "
         "along the text). top-1 decisive: the same, only at positions where fp32's top-2 gap is "
-        "at least the precision's `top1_margin` (export/thresholds.py; flips inside the "
+        "at least the precision's `top1_margin` (runtime/variants.py; flips inside the "
         "quantization noise are not counted), with the share of such positions. "
         "top-1 greedy path: teacher-forced along PyTorch fp32's greedy "
         "continuation, argmax equal to fp32's choice. First greedy divergence: the first step, "

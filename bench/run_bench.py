@@ -60,7 +60,7 @@ class Config:
     out: Path = HERE / "results"
     threads: int = 2
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
-    contexts: tuple[int, ...] = (8, 256, 900)
+    contexts: tuple[int, ...] | None = None  # None: default_contexts(n_positions)
     new_tokens: int = 32
     batch: int = 8
     batch_context: int | None = None  # None: the first context
@@ -85,8 +85,10 @@ class Config:
         return self.model_dir or self.cache_dir / "model"
 
 
-QUICK = dict(preset="tiny", contexts=(8, 64, 200), new_tokens=16, prompt_tokens=128,
-             alternate=False, gemv_mib=512, out=HERE / "results" / "quick")
+# --quick writes beside the cache, not over the committed results (bench/results/quick holds a
+# reference run; pass --out bench/results/quick to refresh it).
+QUICK = dict(preset="tiny", new_tokens=16, prompt_tokens=128, alternate=False, gemv_mib=512,
+             out=Config.cache / "quick-results")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -101,7 +103,7 @@ def prepare(cfg: Config) -> None:
         model = build_random_model(cfg.preset, cfg.seed)
         tmp = cfg.checkpoint.with_name("checkpoint.tmp")
         model.save_pretrained(tmp)
-        save_tokenizer_files(tmp)
+        save_tokenizer_files(tmp, model.config.n_positions)
         del model
         os.replace(tmp, cfg.checkpoint)
     for system in ("ct2-float32", "ct2-int8"):
@@ -259,17 +261,18 @@ def measure_bandwidth(mib: int, tmp: Path, env: dict[str, str]) -> dict[str, Any
 
 def phases(cfg: Config, dims: Any) -> list[dict[str, Any]]:
     """The measurements, in round order: decode at each context, ttft, batch."""
-    from gpt2_onnx.runtime.bench import clamp_context, synthetic_prompt
+    from gpt2_onnx.runtime.bench import clamp_context, default_contexts, synthetic_prompt
 
     vocab, n_pos = dims.vocab_size, dims.n_positions
+    contexts = cfg.contexts or default_contexts(n_pos)
     out = []
-    for c in dict.fromkeys(clamp_context(c, cfg.new_tokens, n_pos) for c in cfg.contexts):
+    for c in dict.fromkeys(clamp_context(c, cfg.new_tokens, n_pos) for c in contexts):
         out.append({"kind": "decode", "prompts": [synthetic_prompt(c, vocab)],
                     "new_tokens": cfg.new_tokens, "repeats": cfg.repeats})
     p = clamp_context(cfg.prompt_tokens, 2, n_pos)
     out.append({"kind": "ttft", "prompts": [synthetic_prompt(p, vocab)], "new_tokens": 2,
                 "repeats": cfg.repeats})
-    b = clamp_context(cfg.batch_context or cfg.contexts[0], cfg.new_tokens, n_pos)
+    b = clamp_context(cfg.batch_context or contexts[0], cfg.new_tokens, n_pos)
     out.append({"kind": "batch", "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
                 "prompts": [synthetic_prompt(b, vocab, seed=r) for r in range(cfg.batch)]})
     return out
@@ -310,21 +313,14 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("gpt2-onnx", "onnxruntime", "numpy", "torch", "transformers", "optimum",
-                 "optimum-onnx", "ctranslate2"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+BENCH_VERSIONS = ("gpt2-onnx", "onnxruntime", "numpy", "torch", "transformers", "optimum",
+                  "optimum-onnx", "ctranslate2")  # recorded with the results
 
 
 def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Prepare, measure every system, derive ceilings and goals; the document bench.json holds."""
+    from gpt2_onnx.runtime.manifest import package_versions
+
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     log(f"preparing {cfg.cache_dir} (checkpoint, conversions, exports; cached)")
     child = multiprocessing.get_context("spawn").Process(target=prepare, args=(cfg,))
@@ -340,7 +336,8 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
              "ct2_dirs": {s: str(cfg.ct2_dir(s)) for s in PEERS if s.startswith("ct2-")}}
     doc: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "versions": package_versions(),
+        "machine": machine(),
+        "versions": package_versions(BENCH_VERSIONS, missing="not installed"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "model": {"name": manifest.name, "source": manifest.source, "dims": asdict(manifest.dims),
                   "verify": manifest.verify},
@@ -582,12 +579,14 @@ def parse_args(argv: list[str]) -> Config:
                    "[export fp32,int8,int4 into the cache]")
     p.add_argument("--cache", type=Path, default=Config.cache,
                    help="checkpoint, conversions and exports [%(default)s]")
-    p.add_argument("--out", type=Path, help="results [bench/results; bench/results/quick]")
+    p.add_argument("--out", type=Path,
+                   help="results [bench/results; ~/.cache/gpt2-onnx/bench/quick-results]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated: ours (every variant), ours:<precision>, "
                         f"{', '.join(PEERS)} [%(default)s]")
-    p.add_argument("--contexts", help="decode contexts [8,256,900; 8,64,200 with --quick]")
+    p.add_argument("--contexts", help="decode contexts [8, n_positions/4, ~0.88 n_positions: "
+                   "8,256,900 for gpt2-large; 8,64,225 with --quick]")
     p.add_argument("--new-tokens", type=int, help="new tokens per decode figure [32; 16]")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batch-context", type=int, help="prompt length of the batch rows "

@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    save_tokenizer_files(out)
+    save_tokenizer_files(out, model.config.n_positions)
     weights = out / "model.safetensors"
     record = {
         "config": asdict(cfg),

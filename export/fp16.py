@@ -1,6 +1,6 @@
 """The fp16 variant (for CUDA): optimum's fp32 graph converted to float16 where that is safe.
 
-GPT-2 in plain fp16 overflows to inf/NaN (onnxruntime issues 6328, 11384: shared/FACTS.md), so
+GPT-2 in plain fp16 overflows to inf/NaN (onnxruntime issues 6328, 11384: docs/facts.md), so
 the conversion keeps in fp32:
   - LayerNormalization (x² overflows fp16 once |x| > 256) and Softmax (with the attention mask
     Add in front of it, whose mask constant is float32's minimum);
@@ -13,7 +13,7 @@ logits stay float32 (ConcatDecoder hands float32 logits to sampling either way).
 
 The graph also gets an extra output, LAST_LOGITS ([batch, vocab] float32, the last position),
 so a runtime can bring only that row to the host at prefill instead of [batch, seq, vocab]
-(bench/GPU.md; the runtime side is a proposed patch in notes/cuda-patches.md). Runtimes that do
+(bench/GPU.md); a runtime that knows it binds it at prefill (runtime/decoder.py). Runtimes that do
 not know it never bind it.
 
 onnxruntime's float16 converter does the conversion (onnxruntime.transformers.float16); this
@@ -27,10 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
-FP16_GRAPH = "model-fp16.onnx"
-FP16_DATA = "model-fp16.onnx.data"
+FP16_GRAPH = variants.get("fp16").graph  # "model-fp16.onnx"
+FP16_DATA = f"{FP16_GRAPH}.data"
 LAST_LOGITS = "logits_last"  # extra output: logits of the last position, [batch, vocab] float32
 # Op types that stay fp32 (besides onnxruntime's default list of ops without fp16 kernels).
 BLOCKED_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")

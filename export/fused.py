@@ -334,12 +334,14 @@ def _param_bytes(model: Any) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
-    """Write `model-<precision>.onnx` (+ `.onnx.data` when large) into out_dir; return its Variant.
+def build_fused_graph(model: Any, out_dir: Path, precision: str,
+                      graph_name: str | None = None) -> Variant:
+    """Write `graph_name` (default `model-<precision>.onnx`; + `.onnx.data` when large) into
+    out_dir; return its Variant.
 
-    model: a transformers GPT2LMHeadModel in eval mode. precision: fp32, int8 or int4 (weight-only
-    MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the KV cache
-    stay float32).
+    model: a transformers GPT2LMHeadModel in eval mode. precision: the weights, fp32, int8 or int4
+    (weight-only MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the
+    KV cache stay float32). The registry entry's name is the caller's (export/builders.py).
     """
     import onnx
     import torch
@@ -348,7 +350,7 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str) -> Variant:
     _check_model(model, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    graph_name = f"model-{precision}.onnx"
+    graph_name = graph_name or f"model-{precision}.onnx"
     external = _param_bytes(model) > EXTERNAL_DATA_MIN_BYTES
     data_path = out_dir / f"{graph_name}.data" if external else None
     tmp_graph = out_dir / f"{graph_name}.tmp"

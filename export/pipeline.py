@@ -21,11 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+from gpt2_onnx.export.builders import builder_for, exportable
 from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source, write_tokenizer
+from gpt2_onnx.runtime import variants as registry
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 from gpt2_onnx.runtime.manifest import (
     FORMAT_NAME,
@@ -37,14 +38,14 @@ from gpt2_onnx.runtime.manifest import (
     Variant,
     VariantIO,
     file_entries,
+    package_versions,
     safe_child,
 )
 
 TMP_PREFIX = ".gpt2-onnx-tmp-"
-# fp32: optimum's graph (concat KV cache, every position's logits: verify's reference path).
-# fp32-fused, int8, int4: the GroupQueryAttention graph (shared KV buffer, last-row logits).
-# fp16: optimum's graph in half precision (for CUDA).
-SUPPORTED_PRECISIONS = ("fp32", "fp32-fused", "int8", "int4", "fp16")
+# What the default export writes: optimum's fp32 graph (verify's reference) and the fused fp32
+# graph the runtime prefers on CPU (same numbers, faster). Others: runtime/variants.py.
+DEFAULT_PRECISIONS = ("fp32", "fp32-fused")
 
 
 class ExportError(Gpt2OnnxError):
@@ -75,7 +76,7 @@ class ExportOptions:
     random_init: str | None = None
     seed: int = 0
     force: bool = False
-    precisions: Sequence[str] = ("fp32",)
+    precisions: Sequence[str] = DEFAULT_PRECISIONS
     verify: bool = True
     verify_steps: int = 16
     # Test hook: called with the stage name before each stage (simulating interruptions).
@@ -92,10 +93,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> Path:
     """Export per `opts`; returns the final model directory. Raises on any failure, leaving the
     previous state of the output path untouched and no temporary directory behind."""
     progress = progress or NullProgress()
-    bad = [p for p in opts.precisions if p not in SUPPORTED_PRECISIONS]
+    supported = exportable()
+    bad = [p for p in opts.precisions if p not in supported]
     if bad or not opts.precisions:
-        raise ValueError(f"precision {bad or '(none)'}: choose from "
-                         f"{', '.join(SUPPORTED_PRECISIONS)}")
+        raise ValueError(f"precision {bad or '(none)'}: choose from {', '.join(supported)}")
     if "fp32" not in opts.precisions:
         raise ValueError("precision: fp32 is always exported (verify compares against it); "
                          "add the others beside it, e.g. --precision fp32,int8")
@@ -321,9 +322,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def estimated_bytes(model: Any, precisions: Sequence[str]) -> int:
     """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant."""
     n_params = sum(p.numel() for p in model.parameters())
-    per_precision = {"fp32": 4.0, "fp32-fused": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
     lm_head = model.config.vocab_size * model.config.n_embd * 4
-    return int(sum(n_params * per_precision[p] for p in precisions) + lm_head)
+    return int(sum(n_params * registry.get(p).bytes_per_param for p in precisions) + lm_head)
 
 
 def _check_disk(model: Any, where: Path, precisions: Sequence[str]) -> None:
@@ -344,7 +344,7 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     from optimum.exporters.onnx import onnx_export_from_model
 
     raw = out_dir / "optimum-raw"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("optimum"):
         warnings.simplefilter("ignore")  # tracer warnings are expected and not actionable
         onnx_export_from_model(model, raw, task="text-generation-with-past",
                                do_validation=False)
@@ -358,6 +358,22 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     gc.collect()  # the traced graph held gigabytes for gpt2-large; give them back before verify
     return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
                    io=VariantIO())
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only errors of logger `name` reach the terminal while the block runs: optimum's warnings
+    (e.g. "Weight deduplication check ... requires accelerate": the optional pass that would
+    drop the tied lm_head copy, which our graph keeps on purpose) are not the user's business."""
+    import logging
+
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def external_data_files(graph: Path) -> list[str]:
@@ -377,22 +393,13 @@ def external_data_files(graph: Path) -> list[str]:
 
 
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
-    """fp32-fused / int8 / int4 (fused GroupQueryAttention graphs); fp16 (optimum's graph in
-    fp16). Each carries verify's thresholds for its precision (export/thresholds.py)."""
+    """Run the registered builder of `precision` (export/builders.py); the Variant carries the
+    registry entry's verify thresholds."""
     from dataclasses import replace
 
-    from gpt2_onnx.export.thresholds import thresholds_for
-
-    if precision == "fp16":
-        from gpt2_onnx.export.fp16 import build_fp16_variant
-
-        variant = build_fp16_variant(out_dir)
-    else:
-        from gpt2_onnx.export.fused import build_fused_graph
-
-        fused = "fp32" if precision == "fp32-fused" else precision
-        variant = replace(build_fused_graph(model, out_dir, fused), precision=precision)
-    return replace(variant, thresholds=thresholds_for(precision))
+    spec = registry.get(precision)
+    variant = builder_for(precision)(model, out_dir, spec)
+    return replace(variant, precision=spec.name, thresholds=dict(spec.thresholds))
 
 
 def model_dims(config: Any) -> ModelDims:
@@ -405,14 +412,8 @@ def model_dims(config: Any) -> ModelDims:
     )
 
 
-def package_versions() -> dict[str, str]:
-    names = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-             "onnxruntime", "tokenizers")
-    versions = {}
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
+EXPORT_VERSIONS = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
+                   "onnxruntime", "tokenizers")  # recorded in the manifest
 
 
 def _directory_entries(model_dir: Path) -> dict[str, FileEntry]:
@@ -425,7 +426,8 @@ def build_manifest(name: str, resolved: ResolvedSource, variants: dict[str, Vari
                    model_dir: Path) -> Manifest:
     return Manifest(
         name=name, source=resolved.record, dims=model_dims(resolved.model.config),
-        variants=variants, files=_directory_entries(model_dir), versions=package_versions(),
+        variants=variants, files=_directory_entries(model_dir),
+        versions=package_versions(EXPORT_VERSIONS),
     )
 
 

@@ -102,11 +102,15 @@ def _resolve_local(path: Path) -> ResolvedSource:
             f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt). "
             "Save it beside the weights with tokenizer.save_pretrained(...)."
         )
+    from safetensors import SafetensorError
     from transformers import GPT2LMHeadModel
 
     try:
         model = GPT2LMHeadModel.from_pretrained(str(path), dtype="float32")
-    except Exception as exc:  # noqa: BLE001 - OSError, safetensors and shape errors alike
+    # What a damaged or incomplete checkpoint raises: missing/unreadable files (OSError),
+    # truncated safetensors, shape mismatches (RuntimeError), bad pickles/JSON (ValueError,
+    # KeyError). MemoryError and bugs propagate as themselves.
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise SourceError(
             f"{path}: cannot load the weights ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}). The checkpoint is damaged "
@@ -158,7 +162,8 @@ def _in_local_cache(repo_id: str) -> bool:
     try:
         huggingface_hub.hf_hub_download(repo_id, "config.json", local_files_only=True)
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not cached"
+    # Not in the cache (LocalEntryNotFoundError is an OSError), or not a valid repo id.
+    except (OSError, huggingface_hub.errors.HFValidationError):
         return False
 
 
@@ -170,7 +175,7 @@ def write_tokenizer(resolved: ResolvedSource, out_dir: Path) -> None:
     """Put tokenizer.json (+ transformers side files) of the source into `out_dir`."""
     src = resolved.tokenizer_from
     if src is None:
-        save_tokenizer_files(out_dir)
+        save_tokenizer_files(out_dir, resolved.model.config.n_positions)
         return
     if (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", out_dir / "tokenizer.json")

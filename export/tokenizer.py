@@ -25,8 +25,10 @@ def build_gpt2_tokenizer() -> Tokenizer:
     return tok
 
 
-def save_tokenizer_files(out_dir: Path) -> None:
-    """Write tokenizer.json and the transformers side files (vocab, merges, config)."""
+def save_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
+    """Write tokenizer.json and the transformers side files (vocab, merges, config).
+
+    model_max_length: the model's n_positions (transformers reads it from tokenizer_config)."""
     import json
     import shutil
 
@@ -35,5 +37,5 @@ def save_tokenizer_files(out_dir: Path) -> None:
     shutil.copyfile(BPE_DIR / "merges.txt", out_dir / "merges.txt")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "bos_token": EOS, "eos_token": EOS,
-        "unk_token": EOS, "model_max_length": 1024, "add_prefix_space": False,
+        "unk_token": EOS, "model_max_length": model_max_length, "add_prefix_space": False,
     }, indent=2))

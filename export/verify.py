@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2_onnx.export.thresholds import THRESHOLDS
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Manifest, ModelDims, Variant, read_manifest
 
 LOGITS_PREFILL = "logits-prefill"
@@ -41,10 +41,9 @@ CACHE = "cache-vs-recompute"
 BATCH = "batch-vs-single"
 CHECKS = (LOGITS_PREFILL, LOGITS_DECODE, GREEDY, SAMPLING, CACHE, BATCH)
 
-# Thresholds per precision live in export/thresholds.py (measured on the yardstick; the export
-# copies them into each variant's manifest entry, which overrides these key by key).
-DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = THRESHOLDS
-FALLBACK_THRESHOLDS = DEFAULT_THRESHOLDS["int4"]
+# Thresholds per precision live in the variant registry (runtime/variants.py; measured on the
+# yardstick); the export copies them into each variant's manifest entry, which overrides them
+# key by key. An unknown precision is an error, never another variant's limits.
 
 SAMPLING_TOP_K = 50  # transformers' default top_k
 SAMPLING_SEED = 1234
@@ -289,7 +288,7 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 @dataclass
 class _Gate:
-    """How one variant is judged (DEFAULT_THRESHOLDS merged with the manifest's)."""
+    """How one variant is judged (the registry's thresholds merged with the manifest's)."""
 
     thresholds: dict[str, float]
 
@@ -318,11 +317,9 @@ class _Gate:
 
 
 def thresholds_for(variant: Variant) -> dict[str, float]:
-    base = DEFAULT_THRESHOLDS.get(variant.precision, FALLBACK_THRESHOLDS)
-    merged = {**base, **{k: float(v) for k, v in variant.thresholds.items()}}
-    if "logits_max_abs" not in merged and "mean_kl_max" not in merged:
-        merged["mean_kl_max"] = FALLBACK_THRESHOLDS["mean_kl_max"]
-    return merged
+    """The registry's thresholds of the variant's precision, overridden by the manifest's."""
+    base = variants.thresholds_for(variant.precision)  # ValueError when unknown
+    return {**base, **{k: float(v) for k, v in variant.thresholds.items()}}
 
 
 @dataclass

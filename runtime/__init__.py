@@ -1,8 +1,9 @@
 """gpt2_onnx.runtime: torch-free GPT-2 generation on onnxruntime.
 
-Imports only onnxruntime, tokenizers and numpy (typer and rich for the CLI).
+Imports only onnxruntime (where a graph runs), tokenizers and numpy (typer and rich for the CLI).
 """
 
+from gpt2_onnx.runtime.device import Device
 from gpt2_onnx.runtime.engine import (
     DoneEvent,
     Engine,
@@ -15,7 +16,14 @@ from gpt2_onnx.runtime.engine import (
     StepGenerator,
     TokenEvent,
 )
-from gpt2_onnx.runtime.errors import DeviceError, Gpt2OnnxError, ModelDirError
+from gpt2_onnx.runtime.errors import (
+    DeviceError,
+    Gpt2OnnxError,
+    InternalError,
+    MissingExtraError,
+    ModelDirError,
+    SessionLoadError,
+)
 from gpt2_onnx.runtime.generator import (
     Candidate,
     GenerationResult,
@@ -26,9 +34,11 @@ from gpt2_onnx.runtime.generator import (
 from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings
 from gpt2_onnx.runtime.scoring import TextScore, perplexity
+from gpt2_onnx.runtime.variants import VariantSpec
 
 __all__ = [
     "Candidate",
+    "Device",
     "DeviceError",
     "DoneEvent",
     "Engine",
@@ -38,17 +48,21 @@ __all__ = [
     "GenerationParams",
     "GenerationResult",
     "Gpt2OnnxError",
+    "InternalError",
     "Manifest",
+    "MissingExtraError",
     "ModelDirError",
     "QueueFullError",
     "Request",
     "SamplingSettings",
+    "SessionLoadError",
     "StepGenerator",
     "StepRecord",
     "TextScore",
     "TextGenerator",
     "Timings",
     "TokenEvent",
+    "VariantSpec",
     "check_files",
     "perplexity",
     "read_manifest",

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from gpt2_onnx.runtime.generator import TextGenerator
 from gpt2_onnx.runtime.manifest import Manifest, Variant
@@ -38,6 +37,13 @@ def synthetic_prompt(length: int, vocab_size: int, seed: int = PROMPT_SEED) -> l
         raise ValueError(f"prompt length must be >= 1, got {length}")
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size - 1, size=length).tolist()
+
+
+def default_contexts(n_positions: int) -> tuple[int, ...]:
+    """Decode contexts of the figures, from the model's length: a short prompt, a quarter of the
+    context and ~88 % of it (8, 256, 900 for GPT-2's 1024 positions)."""
+    return tuple(dict.fromkeys((min(8, n_positions // 4), n_positions // 4,
+                                n_positions * 225 // 256)))
 
 
 def clamp_context(context: int, new_tokens: int, n_positions: int) -> int:
@@ -119,7 +125,7 @@ def bench_model(
     model_dir: str | Path,
     precision: str | None = None,
     threads: int | None = None,
-    contexts: Sequence[int] = (8, 256, 900),
+    contexts: Sequence[int] | None = None,
     new_tokens: int = 32,
     batch: int = 8,
     prompt_tokens: int = 512,
@@ -129,13 +135,14 @@ def bench_model(
 ) -> dict[str, Any]:
     """Load one variant of `model_dir` and measure it (see the module docstring).
 
-    Contexts longer than the model allows are clamped to n_positions - new_tokens and measured
+    contexts: decode prompt lengths [default_contexts(n_positions)]. Contexts longer than the
+    model allows are clamped to n_positions - new_tokens and measured
     once (`requested` lists the contexts each row stands for). batch_context: prompt length of
     the batch rows (default: the first context), so batch and batch-1 figures compare directly.
     device: "auto", "cpu" or "cuda" (as TextGenerator.load). Returns a JSON-ready dict; every
     time in ms or s as its key says, memory in bytes.
     """
-    if not contexts:
+    if contexts is not None and not contexts:
         raise ValueError("contexts: give at least one prompt length")
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
@@ -145,6 +152,7 @@ def bench_model(
     load_s = time.perf_counter() - t0
     mem_loaded = rss_bytes()
     dims = gen.manifest.dims
+    contexts = tuple(contexts or default_contexts(dims.n_positions))
     warm_up(gen)
 
     decode: dict[int, dict[str, Any]] = {}
@@ -158,13 +166,15 @@ def bench_model(
     batched = measure_batch(gen, batch, b_ctx, new_tokens)
     mem_end = rss_bytes()
 
+    import onnxruntime as ort  # loaded by TextGenerator.load already; only its version here
+
     variant = gen.decoder.variant
     return {
         "model_dir": str(model_dir),
         "name": gen.manifest.name,
         "precision": variant.precision,
         "kv_layout": variant.io.kv_layout,
-        "device": gen.device,
+        "device": str(gen.device),
         "threads": threads or physical_cores(),  # the session's intra-op threads
         "weight_bytes": variant_bytes(gen.manifest, variant),
         "load_s": load_s,

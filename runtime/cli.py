@@ -1,7 +1,9 @@
 """`gpt2-onnx` command line: adapts arguments to the library and turns errors into one line.
 
-Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` need
-the export extra and import it only when called.
+Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` live
+in gpt2_onnx.export.cli and are registered only when the export extra is importable; without it
+they are listed with the one-line install hint. Without onnxruntime (`pip install gpt2-onnx`
+alone) `--help`, `info`, `tokenize` and `decode` work; generation names the extra to add.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpt2_onnx.runtime.errors import Gpt2OnnxError
+from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.errors import Gpt2OnnxError, InternalError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.\n\n"
+         "Extras: pip install 'gpt2-onnx\\[cpu]' (or \\[gpu]) adds onnxruntime for generate, "
+         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify.")
 err = Console(stderr=True, highlight=False)
 EXPORT_FIX = (
     "the export extra is not installed: pip install torch==2.13.0 && "
@@ -31,6 +37,9 @@ EXPORT_FIX = (
 # Top-level packages the export extra brings (the export half imports them inside functions).
 EXPORT_PACKAGES = ("torch", "transformers", "optimum", "onnx")
 _state = {"debug": False}
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (a GPU by id)."
+PRECISION_HELP = (f"Variant to run: one of the directory's ({', '.join(variants.names())}); "
+                  "default: the device's preferred one present.")
 
 
 @app.callback()
@@ -44,14 +53,52 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+
+
+def _our_dirs() -> tuple[str, ...]:
+    """Directories of gpt2-onnx's own code (the runtime's, and the export's once imported)."""
+    import os
+
+    dirs = [Path(__file__).resolve().parent]
+    export = sys.modules.get("gpt2_onnx.export")
+    if export is not None and getattr(export, "__file__", None):
+        dirs.append(Path(export.__file__).resolve().parent)
+    return tuple(f"{d}{os.sep}" for d in dirs)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors about the user's input or environment (one line, their fix), False for
+    internal failures (a bug: InternalError, or a ValueError that numpy, onnxruntime or other
+    code raised rather than our own validation, or any other exception)."""
+    if isinstance(exc, InternalError):
+        return False
+    if isinstance(exc, (Gpt2OnnxError, FileNotFoundError)):
+        return True
+    if isinstance(exc, ValueError):  # ours only if our own code raised it (the innermost frame)
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_our_dirs())
+    return False
+
+
+def report(exc: Exception) -> None:
+    """One line for `exc`: the message of a user error, or an internal-error notice."""
+    if is_user_error(exc):
+        fail(str(exc))
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    fail(f"internal error: {type(exc).__name__}: {first} -- this is a bug in gpt2-onnx, please "
+         "report it; --debug shows the traceback", code=2)
+
+
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call library code; expected errors become one line and a non-zero exit."""
+    """Call library code; its errors become one line and a non-zero exit (see `report`)."""
     try:
         return fn(*args, **kwargs)
-    except (Gpt2OnnxError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # classified by cause in `report`; --debug re-raises
         if _state["debug"]:
             raise
-        fail(str(exc))
+        report(exc)
 
 
 def _missing_export_packages() -> list[str]:
@@ -67,82 +114,6 @@ def _missing_export_packages() -> list[str]:
         except (ImportError, ValueError):  # a broken or blocked package counts as missing
             missing.append(name)
     return missing
-
-
-def _import_export(module: str) -> Any:
-    import importlib
-
-    missing = _missing_export_packages()
-    if missing and not _state["debug"]:
-        fail(f"{EXPORT_FIX} ({', '.join(missing)} missing)")
-    try:
-        return importlib.import_module(f"gpt2_onnx.export.{module}")
-    except ImportError as exc:
-        if _state["debug"]:
-            raise
-        fail(f"{EXPORT_FIX} ({exc.name or exc} is missing)")
-
-
-def _run_export_step(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`_run` for export/verify: a package of the export extra failing to import inside the
-    pipeline (lazy imports) also becomes the install hint, not a traceback."""
-    try:
-        return _run(fn, *args, **kwargs)
-    except ImportError as exc:
-        if _state["debug"] or (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
-            raise
-        fail(f"{EXPORT_FIX} ({exc.name} cannot be imported: {exc})")
-
-
-# --------------------------------------------------------------------------- export / verify
-
-
-@app.command()
-def export(
-    source: Annotated[str, typer.Argument(help="Hub id or local checkpoint directory.")]
-    = "gpt2-large",
-    out: Annotated[Path | None, typer.Option(help="Output directory [models/<name>].")] = None,
-    random_init: Annotated[str | None, typer.Option(
-        "--random-init", help="Seeded random weights of a preset (tiny, distilgpt2, gpt2, "
-        "gpt2-medium, gpt2-large, gpt2-xl) with the real tokenizer.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
-    precision: Annotated[str, typer.Option(
-        help="Comma-separated variants: fp32 plus any of int8, int4, fp16.")] = "fp32",
-    force: Annotated[bool, typer.Option(
-        help="Replace an existing model directory (refused if it holds files no export wrote).")
-    ] = False,
-    verify: Annotated[bool, typer.Option(help="Verify against transformers at the end.")] = True,
-) -> None:
-    """Convert a GPT-2 checkpoint into a model directory (ONNX + KV cache, tokenizer, manifest)."""
-    pipeline = _import_export("pipeline")
-    progress_mod = _import_export("progress")
-    opts = pipeline.ExportOptions(
-        source=source, out=out, random_init=random_init, seed=seed, force=force,
-        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()), verify=verify)
-    with _signals_as_interrupt():
-        _run_export_step(pipeline.run_export, opts, progress_mod.RichProgress(err))
-
-
-@app.command("verify")
-def verify_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory to check.")],
-    reference: Annotated[str | None, typer.Option(
-        help="Reference checkpoint (hub id or directory) instead of the manifest's source.")]
-    = None,
-    prompts: Annotated[Path | None, typer.Option(help="File with one prompt per line.")] = None,
-    steps: Annotated[int, typer.Option(help="Decode steps per check.")] = 32,
-    precision: Annotated[list[str] | None, typer.Option(help="Variant(s) to check [all].")]
-    = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
-) -> None:
-    """Check the runtime's loop against the PyTorch transformers reference."""
-    verify_mod = _import_export("verify")
-    result = _run_export_step(
-        verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
-        precisions=precision, device=device, report_path=report, console=err)
-    if not result.passed:
-        fail(f"verify failed: {', '.join(result.failed_checks())}")
 
 
 # --------------------------------------------------------------------------- generate
@@ -161,8 +132,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same tokens.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable).")]
     = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     show_top: Annotated[int, typer.Option(help="Show the top N candidates at each step.")] = 0,
     fast_load: Annotated[bool, typer.Option(
@@ -247,8 +218,8 @@ def score(
         help="Window step for texts longer than the context [half the context].")] = None,
     bos: Annotated[bool, typer.Option(
         help="Score every token (<|endoftext|> put first); --no-bos skips the first.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="Variant to run [per device].")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per file, then "
                                            "the total.")] = False,
@@ -361,12 +332,13 @@ def info(
 def bench(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from `gpt2-onnx export`.")],
     precision: Annotated[str | None,
-                         typer.Option(help="Variant to measure (default: per device).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+                         typer.Option(help=PRECISION_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")]
     = None,
-    contexts: Annotated[str, typer.Option(help="Prompt lengths of the decode figures, "
-                                               "comma-separated.")] = "8,256,900",
+    contexts: Annotated[str | None, typer.Option(
+        help="Prompt lengths of the decode figures, comma-separated [8, n_positions/4, "
+        "~0.88 n_positions: 8,256,900 for 1024 positions].")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per decode figure.")] = 32,
     batch: Annotated[int, typer.Option(help="Rows of the batch-throughput figure.")] = 8,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt of the time-to-first-token "
@@ -375,10 +347,14 @@ def bench(
     = False,
 ) -> None:
     """Measure this machine: decode tok/s, time to first token, batch throughput, load, memory."""
+    from gpt2_onnx.runtime.device import import_onnxruntime
+
+    _run(import_onnxruntime)  # the extra to add, before the bench module imports onnxruntime
     from gpt2_onnx.runtime.bench import bench_model, summary_rows
 
     try:
-        lengths = tuple(int(c) for c in contexts.split(",") if c.strip())
+        lengths = (None if contexts is None else
+                   tuple(int(c) for c in contexts.split(",") if c.strip()))
     except ValueError:
         fail(f"--contexts {contexts!r}: give comma-separated integers, e.g. 8,256,900")
     err.print("[dim]measuring: synthetic prompts, greedy; several prefills and decodes[/]")
@@ -407,6 +383,35 @@ if importlib.util.find_spec("gpt2_onnx.serve") is not None:
     _register_serve(app)
 
 
+# --------------------------------------------------------------------------- export / verify
+
+
+def _register_export_commands() -> None:
+    """The export package's commands when its extra is importable, else stand-ins that say
+    what to install (listed in --help all the same)."""
+    missing = _missing_export_packages()
+    if not missing:
+        try:
+            from gpt2_onnx.export.cli import register
+        except ImportError as exc:
+            missing = [exc.name or str(exc)]
+        else:
+            register(app)
+            return
+    hint = f"{EXPORT_FIX} ({', '.join(missing)} missing)"
+    stand_in = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
+                                     "help_option_names": []},
+                "add_help_option": False}
+
+    def unavailable(ctx: typer.Context) -> None:
+        fail(hint)
+
+    app.command("export", help="Convert a GPT-2 checkpoint (needs the export extra: "
+                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
+    app.command("verify", help="Check against transformers (needs the export extra: "
+                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -427,9 +432,19 @@ class _signals_as_interrupt:
         signal.signal(signal.SIGTERM, self._old)
 
 
+_register_export_commands()
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:  # raised outside `_run` (e.g. while streaming): same one line
+        if _state["debug"]:
+            raise
+        try:
+            report(exc)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

@@ -12,12 +12,15 @@ shared_kv.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
+from gpt2_onnx.runtime.device import CPU, Device
 from gpt2_onnx.runtime.manifest import ModelDims, Variant
+
+if TYPE_CHECKING:  # onnxruntime is imported where a graph runs: the base install lacks it
+    import onnxruntime as ort
 
 
 class Decoder(Protocol):
@@ -53,7 +56,24 @@ class ConcatCache:
     length: int  # past positions held (same for every row; padding included)
 
 
-class ConcatDecoder:
+class DecoderBase:
+    """What both decoders set up alike: the session, dims, variant, device, KV names and dtype."""
+
+    def __init__(self, session: ort.InferenceSession, dims: ModelDims, variant: Variant,
+                 device: Device = CPU) -> None:
+        self.session = session
+        self.dims = dims
+        self.variant = variant
+        self.device = device  # where the cache lives (device.ort_device, device.id)
+        io = variant.io
+        self._past = io.kv_inputs(dims.n_layer)
+        self._present = io.kv_outputs(dims.n_layer)
+        self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
+        graph_inputs = {i.name for i in session.get_inputs()}
+        self._feeds_position_ids = io.position_ids in graph_inputs
+
+
+class ConcatDecoder(DecoderBase):
     """Runs optimum's text-generation-with-past graph with IOBinding.
 
     present.{i} of one step becomes past_key_values.{i} of the next without leaving the device:
@@ -62,26 +82,19 @@ class ConcatDecoder:
     """
 
     def __init__(self, session: ort.InferenceSession, dims: ModelDims, variant: Variant,
-                 device: str = "cpu", device_id: int = 0) -> None:
-        self.session = session
-        self.dims = dims
-        self.variant = variant
-        self.device = device  # "cpu" or "cuda": where the cache lives
-        self.device_id = device_id
+                 device: Device = CPU) -> None:
+        super().__init__(session, dims, variant, device)
         io = variant.io
-        self._past = io.kv_inputs(dims.n_layer)
-        self._present = io.kv_outputs(dims.n_layer)
-        self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
-        graph_inputs = {i.name for i in session.get_inputs()}
-        self._feeds_position_ids = io.position_ids in graph_inputs
         graph_outputs = {o.name for o in session.get_outputs()}
         # The last-row output, when the graph has one: [batch, vocab] comes down at prefill.
         self._last_logits = io.logits_last if io.logits_last in graph_outputs else ""
 
     def start(self, batch: int, max_len: int) -> ConcatCache:
         # Zero-length past tensors [b, h, 0, d]: onnxruntime accepts them from numpy on CPU. On
-        # CUDA an empty allocation has a null data pointer (FACTS.md), so the cache starts as
+        # CUDA an empty allocation has a null data pointer (docs/facts.md), so the cache starts as
         # host-side empties there too; the first step's presents then live on the device.
+        import onnxruntime as ort
+
         shape = (batch, self.dims.n_head, 0, self.dims.head_dim)
         empty = np.zeros(shape, dtype=self._np_dtype)
         values = {n: ort.OrtValue.ortvalue_from_numpy(empty) for n in self._past}
@@ -106,9 +119,9 @@ class ConcatDecoder:
         use_last = bool(self._last_logits) and not all_logits
         binding.bind_output(self._last_logits if use_last else io.logits, "cpu")
         for name in self._present:
-            binding.bind_output(name, self.device, self.device_id)
+            binding.bind_output(name, self.device.ort_device, self.device.id)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in binding order, not graph order (FACTS.md)
+        outputs = binding.get_outputs()  # in binding order, not graph order (docs/facts.md)
         logits_ov, presents = outputs[0], outputs[1:]
         logits = logits_ov.numpy()  # [batch, vocab] if use_last, else [batch, seq, vocab]
         if logits.dtype != np.float32:

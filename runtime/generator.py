@@ -16,20 +16,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2_onnx.runtime.decoder import ConcatDecoder, Decoder, PaddedBatch
+from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.device import Device, import_onnxruntime, resolve_device
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, read_manifest
 from gpt2_onnx.runtime.sampling import SamplingSettings
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
-from gpt2_onnx.runtime.session import create_session, resolve_device
 
 if TYPE_CHECKING:
+    from gpt2_onnx.runtime.decoder import Decoder
     from gpt2_onnx.runtime.engine import DoneEvent, Engine, GenerationParams, Request, TokenEvent
 
-# Precision tried first on each device when the caller names none.
-# CPU: exact fp32 first (the fused graph when exported: same numbers, faster), then quantized.
-DEFAULT_PRECISIONS = {"cpu": ("fp32-fused", "fp32", "int8", "int4", "fp16"),
-                      "cuda": ("fp16", "fp32", "fp32-fused", "int8")}
 FINISH_REASONS = ("length", "eos", "stop")  # "cancelled" and "error" too on the engine
 # TextGenerator's own engine (shared-KV variants): requests decoded together, prompt tokens
 # loaded per step while others decode, seconds idle before its thread and buffers go away.
@@ -38,8 +35,6 @@ ENGINE_PREFILL_CHUNK = 64
 ENGINE_PREFILL_BUDGET = 0.8  # a prefill chunk's share of a decode run's time (Engine)
 ENGINE_IDLE_STOP = 5.0
 ENGINE_MAX_QUEUE = 1 << 20  # generate() queues any number of prompts
-# Variants that run well without prepacked weights (plain float MatMuls, no MatMulNBits).
-FAST_LOAD_PRECISIONS = ("fp32", "fp32-fused", "fp16")
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ class TextGenerator:
     engine_prefill_budget: float | None = ENGINE_PREFILL_BUDGET
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
-                 device: str, model_dir: Path) -> None:
+                 device: Device, model_dir: Path) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.decoder = decoder
@@ -104,12 +99,15 @@ class TextGenerator:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto", precision: str | None = None,
-             threads: int | None = None, fast_load: bool = False) -> TextGenerator:
+    def load(cls, model_dir: str | Path, device: str | Device = "auto",
+             precision: str | None = None, threads: int | None = None,
+             fast_load: bool = False) -> TextGenerator:
         """Read the manifest, the tokenizer and one variant's graph.
 
-        device: "auto" (CUDA when onnxruntime-gpu can use it, else CPU), "cpu" or "cuda".
-        precision: a variant listed in the manifest; default per device (DEFAULT_PRECISIONS).
+        device: "auto" (CUDA when onnxruntime-gpu can use it, else CPU), "cpu", "cuda",
+          "cuda:1" (a GPU by id), or a Device (runtime/device.py; e.g. with provider options).
+        precision: a variant listed in the manifest; default the device's preferred one present
+          (runtime/variants.py).
         threads: intra-op threads; default the physical cores.
         fast_load: skip weight prepacking (fp32 variants only): random gpt2-large fp32-fused
           loads in 0.5 s instead of 4.5 s and peaks at its weights' size, decoding ~6 % slower.
@@ -120,10 +118,14 @@ class TextGenerator:
         manifest = read_manifest(root)
         resolved = resolve_device(device)
         variant = pick_variant(manifest, precision, resolved)
-        if fast_load and variant.precision not in FAST_LOAD_PRECISIONS:
+        if fast_load and not variants.get(variant.precision).fast_load:
+            allowed = [n for n in variants.names() if variants.get(n).fast_load]
             raise ValueError(
-                f"fast_load: only for {', '.join(FAST_LOAD_PRECISIONS)} variants; "
+                f"fast_load: only for {', '.join(allowed)} variants; "
                 f"{variant.precision} needs its weights prepacked (it would decode ~30x slower)")
+        import_onnxruntime()  # MissingExtraError naming the extra, before any other work
+        from gpt2_onnx.runtime.session import create_session
+
         tokenizer = load_tokenizer(root / manifest.tokenizer, manifest.dims.vocab_size)
         session = create_session(root / variant.graph, resolved, threads,
                                  prepack=not fast_load)
@@ -398,6 +400,7 @@ class TextGenerator:
         ends). Yields each step's events (one per row, None for a finished row), then the
         results. The per-row step is the engine's `Sequence`; the decoder's padding is
         PaddedBatch's."""
+        from gpt2_onnx.runtime.decoder import PaddedBatch
         from gpt2_onnx.runtime.engine import Sequence as Row
 
         seqs = [Row(self.tokenizer, self.manifest.dims, ids, params) for ids in rows]
@@ -442,21 +445,29 @@ class TextGenerator:
 # ---------------------------------------------------------------------- helpers
 
 
-def pick_variant(manifest: Manifest, precision: str | None, device: str) -> Variant:
-    """The variant to run: the one asked for, else the first of DEFAULT_PRECISIONS present."""
+def pick_variant(manifest: Manifest, precision: str | None, device: Device) -> Variant:
+    """The variant to run: the one asked for, else the device's preferred one present (the
+    registry's ranks), else the manifest's first. ValueError for an unknown precision."""
     available = list(manifest.variants)
+    for name in available:
+        variants.get(name)  # an unknown variant in the manifest is an error, not skipped
     if precision is not None:
+        variants.get(precision)
         if precision not in manifest.variants:
             raise ValueError(f"precision {precision!r}: this model directory has "
                              f"{', '.join(available)}")
         return manifest.variants[precision]
-    for p in DEFAULT_PRECISIONS[device]:
+    for p in variants.preferred(device.name):
         if p in manifest.variants:
             return manifest.variants[p]
     return manifest.variants[available[0]]
 
 
-def make_decoder(session: object, manifest: Manifest, variant: Variant, device: str) -> Decoder:
+def make_decoder(session: object, manifest: Manifest, variant: Variant,
+                 device: Device) -> Decoder:
+    """The decoder of the variant's KV layout (the manifest's io says which)."""
+    from gpt2_onnx.runtime.decoder import ConcatDecoder
+
     if variant.io.kv_layout == "shared":
         from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 

@@ -345,6 +345,21 @@ def _parse_io(raw_io: dict[str, Any], w: str, problems: list[str]) -> VariantIO 
     return io
 
 
+def package_versions(names: Iterable[str], missing: str | None = None) -> dict[str, str]:
+    """Installed versions of `names` (pip distribution names), for the manifest and the bench
+    records; a package not installed is left out, or recorded as `missing` when given."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            if missing is not None:
+                versions[name] = missing
+    return versions
+
+
 def referenced_files(manifest: Manifest) -> list[str]:
     """Every file the runtime will open: the tokenizer and each variant's graph and data."""
     names = [manifest.tokenizer]

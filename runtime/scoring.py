@@ -14,13 +14,16 @@ Torch-free (numpy + the runtime's Decoder). The figures match transformers' loss
   scored exactly once; the first window is the start of the text, bos included.
 - Log-probabilities are natural logs; perplexity = exp(-total log-prob / tokens).
 
-Two ways to get the logits of every position, chosen by the variant's `io.logits_rows`:
-- "all" (optimum's graph): one forward per batch of windows, left-padded with attention masks and
-  position_ids = cumsum(mask) - 1, asking for the logits of every position.
-- "last" (the fused GroupQueryAttention graphs return only the last row): the window is fed one
-  token per step through the KV cache. Slower, same figures. Rows of a batch are right-padded
-  with filler tokens instead (causal attention: filler after a row's end cannot change the
-  logits of that row's real positions, which are the only ones read).
+Two ways to get the logits of every position ("auto" picks the first whenever the graph can):
+- "all": one forward per batch of windows, left-padded with attention masks and position_ids =
+  cumsum(mask) - 1, asking for the logits of every position. optimum's graph returns every row;
+  the fused graphs (kv_layout "shared") return the rows their `logits_index` input names, which
+  the shared-KV decoder sets to every position at prefill (`all_logits`): one prefill per batch
+  of windows on both.
+- "step": the window is fed one token per step through the KV cache, for a graph that can only
+  return its last row (io.logits_rows "last" with a concat cache). Slower, same figures. Rows of
+  a batch are right-padded with filler tokens instead (causal attention: filler after a row's
+  end cannot change the logits of that row's real positions, which are the only ones read).
 """
 
 from __future__ import annotations
@@ -170,7 +173,8 @@ def batch_logits(decoder: Decoder, sequences: Sequence[Sequence[int]], *, mode: 
         raise ValueError(f"each sequence needs 1 to {decoder.dims.n_positions} tokens "
                          f"(n_positions); got lengths {sorted(set(lengths))[:5]}")
     if mode == "auto":
-        mode = "step" if decoder.variant.io.logits_rows == "last" else "all"
+        io = decoder.variant.io
+        mode = "all" if io.logits_rows == "all" or io.kv_layout == "shared" else "step"
     if mode == "all":
         return _logits_all_rows(decoder, sequences)
     return _logits_stepwise(decoder, sequences)

@@ -1,4 +1,4 @@
-"""onnxruntime sessions: device resolution, providers and session options."""
+"""onnxruntime sessions: session options, providers (from the Device), load-failure causes."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from gpt2_onnx.runtime.errors import DeviceError, ModelDirError
-
-DEVICES = ("auto", "cpu", "cuda")
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CUDA_FIX = (
-    "install the GPU runtime (pip uninstall onnxruntime; pip install 'gpt2-onnx[gpu]') on a "
-    "machine with an NVIDIA driver and CUDA 12/13 libraries, or use --device cpu"
+from gpt2_onnx.runtime.device import (  # noqa: F401  (re-exported: older imports)
+    CUDA_FIX,
+    CUDA_PROVIDER,
+    Device,
+    cuda_device_count,
+    resolve_device,
 )
+from gpt2_onnx.runtime.errors import DeviceError, ModelDirError, SessionLoadError
 
 
 def physical_cores() -> int:
@@ -35,41 +35,6 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def cuda_device_count() -> int:
-    """GPUs the NVIDIA driver reports (0 without a driver), via libcuda itself: the CUDA
-    provider is listed by onnxruntime-gpu whether or not the machine has a GPU."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1" if os.name != "nt" else "nvcuda.dll")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when onnxruntime has the CUDA provider and the driver sees a GPU, else
-    'cpu'. DeviceError when 'cuda' is asked for and either is missing."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
-    has_provider = CUDA_PROVIDER in ort.get_available_providers()
-    if device == "auto":
-        return "cuda" if has_provider and cuda_device_count() > 0 else "cpu"
-    if device == "cuda" and not has_provider:
-        raise DeviceError(
-            f"--device cuda: the installed onnxruntime {ort.__version__} has no CUDA provider "
-            f"(package onnxruntime-gpu missing); {CUDA_FIX}."
-        )
-    if device == "cuda" and cuda_device_count() == 0:
-        raise DeviceError(
-            "--device cuda: onnxruntime-gpu is installed but no NVIDIA driver or GPU was found "
-            f"(libcuda.so.1 missing or it reports 0 devices); {CUDA_FIX}."
-        )
-    return device
-
 
 def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     """prepack=False skips onnxruntime's weight prepacking: the weights stay memory-mapped from
@@ -86,32 +51,51 @@ def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOpt
     return opts
 
 
-def create_session(graph: Path, device: str, threads: int | None = None,
-                   device_id: int = 0, prepack: bool = True) -> ort.InferenceSession:
-    """A session for `graph` on the resolved device ('cpu' or 'cuda')."""
+def create_session(graph: Path, device: Device, threads: int | None = None,
+                   prepack: bool = True) -> ort.InferenceSession:
+    """A session for `graph` on the resolved `device` (its providers and provider options)."""
     opts = session_options(threads, prepack)
-    if device == "cuda" and hasattr(ort, "preload_dlls"):
+    if device.name == "cuda" and hasattr(ort, "preload_dlls"):
         # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* pip packages (torch's) when
         # they are not on the library path; a failure here shows up as the provider check below.
         with contextlib.suppress(OSError):
             ort.preload_dlls(msvc=False)
-    if device == "cuda":
-        providers: list = [(CUDA_PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(graph), sess_options=opts,
+                                       providers=device.providers())
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        if device == "cuda" and "CUDA" in str(exc):
-            raise DeviceError(f"CUDA session for {graph.name} failed ({exc}); {CUDA_FIX}.") \
-                from exc
-        raise ModelDirError(
-            f"{graph}: onnxruntime cannot load this graph ({str(exc).splitlines()[0][:300]}). "
-            "The file is damaged or not a gpt2-onnx export; re-export (`gpt2-onnx export --force`)."
-        ) from exc
-    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        raise load_failure(graph, device, exc) from exc
+    if device.name == "cuda" and CUDA_PROVIDER not in session.get_providers():
         raise DeviceError(
-            "--device cuda: onnxruntime-gpu is installed but could not load CUDA (driver or "
-            f"CUDA/cuDNN libraries missing); {CUDA_FIX}."
+            f"--device {device}: onnxruntime-gpu is installed but could not load CUDA (driver "
+            f"or CUDA/cuDNN libraries missing); {CUDA_FIX}."
         )
     return session
+
+
+# Substrings of onnxruntime's messages, by cause (its exceptions carry no finer type).
+_OOM = ("bad_alloc", "out of memory", "failed to allocate", "cudaerrormemoryallocation")
+_UNSUPPORTED = ("could not find an implementation", "not a registered function/op",
+                "unsupported model ir version", "opset", "no opset import for domain",
+                "is under development and support for this is limited")
+
+
+def load_failure(graph: Path, device: Device, exc: BaseException) -> Exception:
+    """The error to raise when onnxruntime cannot load `graph`, named by its cause: out of
+    memory, an operator or format this onnxruntime lacks, CUDA, or a damaged file."""
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(k in text for k in _OOM):
+        return SessionLoadError(
+            f"{graph}: out of memory while loading on {device} ({first}). Free memory, load a "
+            "smaller variant (--precision int8 or int4), or use --fast-load (fp32 variants).")
+    if device.name == "cuda" and "cuda" in text:
+        return DeviceError(f"CUDA session for {graph.name} failed ({first}); {CUDA_FIX}.")
+    if any(k in text for k in _UNSUPPORTED):
+        return SessionLoadError(
+            f"{graph}: onnxruntime {ort.__version__} cannot run this graph ({first}): it needs "
+            "an operator or format this onnxruntime lacks. Upgrade onnxruntime "
+            "(pip install -U onnxruntime) or re-export with the installed version.")
+    return ModelDirError(
+        f"{graph}: onnxruntime cannot load this graph ({first}). The file is damaged or not a "
+        "gpt2-onnx export; re-export (`gpt2-onnx export --force`).")

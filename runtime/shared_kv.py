@@ -2,7 +2,7 @@
 
 Each layer's key and value live in one buffer [batch, n_head, max_len, head_dim], allocated once
 by `start()` and bound as both past and present every step: the graph writes the new positions in
-place, so a decode step moves no cache. The SAME OrtValue must be bound every step (FACTS.md:
+place, so a decode step moves no cache. The SAME OrtValue must be bound every step (docs/facts.md:
 re-creating it from numpy gave garbage).
 
 GroupQueryAttention takes no attention mask, only each row's length (`seqlens_k` = length - 1).
@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from gpt2_onnx.runtime.decoder import DecoderBase
+from gpt2_onnx.runtime.device import CPU, Device
+from gpt2_onnx.runtime.errors import DecoderInputError
 from gpt2_onnx.runtime.manifest import ModelDims, Variant
 
 # Roles of VariantIO.extra_inputs a "shared" graph declares (name -> role).
@@ -58,16 +61,16 @@ class SlotCache:
     slots: int
     max_len: int  # positions per slot
     slot_bytes: int  # bytes of one slot in one buffer
-    device: str
+    device: str  # onnxruntime's name of where the buffers live ("cpu", "cuda")
     device_id: int = 0
     dtype: type = field(default=np.float32)
 
 
-class SharedKVDecoder:
+class SharedKVDecoder(DecoderBase):
     """Runs a kv_layout "shared" graph with IOBinding; only the logits come to the host."""
 
     def __init__(self, session: ort.InferenceSession, dims: ModelDims, variant: Variant,
-                 device: str = "cpu", device_id: int = 0) -> None:
+                 device: Device = CPU) -> None:
         io = variant.io
         if io.kv_layout != "shared":
             raise ValueError(f"variant {variant.precision!r} has kv_layout {io.kv_layout!r}; "
@@ -77,34 +80,26 @@ class SharedKVDecoder:
         if missing:
             raise ValueError(f"variant {variant.precision!r}: io.extra_inputs lacks the roles "
                              f"{missing} a shared-KV graph needs; re-export the model")
-        self.session = session
-        self.dims = dims
-        self.variant = variant
-        self.device = device  # "cpu" or "cuda": where the buffers live
-        self.device_id = device_id
+        super().__init__(session, dims, variant, device)
         self._seqlens_k = by_role[ROLE_SEQLENS_K]
         self._total_length = by_role[ROLE_TOTAL_LENGTH]
         self._logits_index = by_role[ROLE_LOGITS_INDEX]
-        self._past = io.kv_inputs(dims.n_layer)
-        self._present = io.kv_outputs(dims.n_layer)
-        self._np_dtype = np.float16 if variant.dtype == "float16" else np.float32
-        graph_inputs = {i.name for i in session.get_inputs()}
-        self._feeds_position_ids = io.position_ids in graph_inputs
 
     def start(self, batch: int, max_len: int) -> SharedKVCache:
         """Allocate zeroed buffers for `batch` rows of up to `max_len` positions."""
         if not 1 <= max_len <= self.dims.n_positions:
-            raise ValueError(f"max_len {max_len} must be in 1..{self.dims.n_positions} "
+            raise DecoderInputError(f"max_len {max_len} must be in 1..{self.dims.n_positions} "
                              "(the model's n_positions)")
         if batch < 1:
-            raise ValueError(f"batch {batch} must be at least 1")
+            raise DecoderInputError(f"batch {batch} must be at least 1")
         shape = (batch, self.dims.n_head, max_len, self.dims.head_dim)
         zeros = np.zeros(shape, dtype=self._np_dtype)
         buffers = {}
         for name in self._past:
             # onnxruntime owns the memory (a numpy-backed OrtValue would die with the array).
-            buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype, self.device,
-                                                            self.device_id)
+            buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype,
+                                                            self.device.ort_device,
+                                                            self.device.id)
             buf.update_inplace(zeros)
             buffers[name] = buf
         return SharedKVCache(buffers, np.zeros(batch, dtype=np.int64), max_len)
@@ -120,20 +115,21 @@ class SharedKVDecoder:
         shape = (slots, self.dims.n_head, max_len, self.dims.head_dim)
         owners: dict[str, object] = {}
         pointers: dict[str, int] = {}
-        zeros = None if self.device == "cpu" else np.zeros(shape, dtype=self._np_dtype)
+        zeros = None if self.device.name == "cpu" else np.zeros(shape, dtype=self._np_dtype)
         for name in self._past:
             if zeros is None:
                 arr = np.zeros(shape, dtype=self._np_dtype)  # lazily committed zero pages
                 owners[name], pointers[name] = arr, arr.ctypes.data
             else:
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._np_dtype,
-                                                                self.device, self.device_id)
+                                                                self.device.ort_device,
+                                                                self.device.id)
                 buf.update_inplace(zeros)  # no stale NaN where a kernel masks by multiplying
                 owners[name], pointers[name] = buf, buf.data_ptr()
         slot_bytes = self.dims.n_head * max_len * self.dims.head_dim \
             * np.dtype(self._np_dtype).itemsize
-        return SlotCache(owners, pointers, slots, max_len, slot_bytes, self.device,
-                         self.device_id, self._np_dtype)
+        return SlotCache(owners, pointers, slots, max_len, slot_bytes, self.device.ort_device,
+                         self.device.id, self._np_dtype)
 
     def prefill_slot(self, cache: SlotCache, slot: int, ids: Sequence[int], start: int
                      ) -> np.ndarray:
@@ -211,19 +207,20 @@ class SharedKVDecoder:
         position_ids = np.asarray(position_ids, dtype=np.int64)  # [batch, seq]
         batch, seq = input_ids.shape
         if cache.lengths.shape != (batch,):
-            raise ValueError(f"input_ids has {batch} rows, the cache {cache.lengths.shape[0]}")
+            raise DecoderInputError(
+                f"input_ids has {batch} rows, the cache {cache.lengths.shape[0]}")
         if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
-            raise ValueError(f"attention_mask shape {attention_mask.shape} does not fit "
-                             f"input_ids {input_ids.shape}")
+            raise DecoderInputError(f"attention_mask shape {attention_mask.shape} does not fit "
+                                    f"input_ids {input_ids.shape}")
         new_mask = attention_mask[:, -seq:]  # [batch, seq]
         if not cache.lengths.any():
             return self._prefill(cache, input_ids, new_mask, position_ids, all_logits)
         if not new_mask.all():
-            raise ValueError("after the first step every new token must have attention_mask 1 "
-                             "(only the prompt may be left-padded)")
+            raise DecoderInputError("after the first step every new token must have "
+                                    "attention_mask 1 (only the prompt may be left-padded)")
         if not (attention_mask.sum(axis=1) == cache.lengths + seq).all():
-            raise ValueError("attention_mask does not match the cache: each row's 1s must count "
-                             "the positions it holds plus the new tokens")
+            raise DecoderInputError("attention_mask does not match the cache: each row's 1s "
+                                    "must count the positions it holds plus the new tokens")
         # GroupQueryAttention takes several new tokens over a past for batch 1 only: feed them
         # one at a time (a rare path: the generation loop sends one token per step).
         steps = []
@@ -241,11 +238,12 @@ class SharedKVDecoder:
         batch, seq = input_ids.shape
         lengths = mask.sum(axis=1)  # [batch] real tokens per row
         if (lengths < 1).any():
-            raise ValueError("every row needs at least one token with attention_mask 1")
+            raise DecoderInputError("every row needs at least one token with attention_mask 1")
         pads = seq - lengths  # [batch]
         cols = np.arange(seq)  # [seq]
         if not (mask == (cols[None, :] >= pads[:, None])).all():
-            raise ValueError("attention_mask must be left padding (0s) followed by 1s per row")
+            raise DecoderInputError(
+                "attention_mask must be left padding (0s) followed by 1s per row")
         # Right-padded column j of row b holds left-padded column j + pad_b.
         src = np.minimum(cols[None, :] + pads[:, None], seq - 1)  # [batch, seq]
         valid = cols[None, :] < lengths[:, None]  # [batch, seq]
@@ -262,8 +260,8 @@ class SharedKVDecoder:
              lengths: np.ndarray, logits_index: np.ndarray) -> tuple[np.ndarray, SharedKVCache]:
         """Bind and run the graph once; `lengths` are the rows' totals after this step."""
         if int(lengths.max()) > cache.max_len:
-            raise ValueError(f"a row would hold {int(lengths.max())} positions; the cache was "
-                             f"started with max_len {cache.max_len}")
+            raise DecoderInputError(f"a row would hold {int(lengths.max())} positions; the cache "
+                                    f"was started with max_len {cache.max_len}")
         io = self.variant.io
         binding = self.session.io_binding()
         binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))

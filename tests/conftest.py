@@ -67,7 +67,7 @@ def save_odd_checkpoint(path: Path, seed: int = 1) -> Path:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, **ODD_SHAPE)).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    save_tokenizer_files(path)
+    save_tokenizer_files(path, model.config.n_positions)
     return path
 
 

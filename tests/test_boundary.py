@@ -2,7 +2,8 @@
 
 Two proofs: a subprocess in which those modules cannot be imported loads a model directory and
 generates (API and CLI); and, in CI (or with GPT2_ONNX_VENV_TEST=1), a fresh virtual environment
-with only `pip install ".[cpu]"` runs `gpt2-onnx generate` and `tokenize`.
+with only `pip install ".[cpu]"` runs `gpt2-onnx generate` and `tokenize`, and one with no
+extra at all (`pip install .`) runs `--help`, `info` and `tokenize` and names the extras.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def test_nothing_heavy_is_imported_by_the_runtime(tiny_dir: Path) -> None:
         list(gen.stream("Paris will", max_new_tokens=4, seed=0))
         r = CliRunner().invoke(app, ["generate", {str(tiny_dir)!r}, "x", "--max-new-tokens", "2"])
         assert r.exit_code == 0, r.output
+        # The CLI registers the export commands (gpt2_onnx.export.cli and the builder table,
+        # both light); nothing that converts or verifies is imported.
+        light = {{"gpt2_onnx.export", "gpt2_onnx.export.cli", "gpt2_onnx.export.builders"}}
         heavy = sorted(m for m in sys.modules
-                       if m.split(".")[0] in {HEAVY!r} or m.startswith("gpt2_onnx.export"))
+                       if m.split(".")[0] in {HEAVY!r} + ("onnx",)
+                       or (m.startswith("gpt2_onnx.export") and m not in light))
         print(heavy)
     """
     proc = run_python(code)
@@ -130,6 +135,42 @@ def test_fresh_venv_with_cpu_extra_only(tiny_dir: Path, tmp_path: Path) -> None:
     size = _du_mb(venv)
     print(f"\nfresh venv with gpt2-onnx[cpu]: {size:.0f} MB, installed in {install_s:.0f} s")
     assert size < 500, f"the runtime environment grew to {size:.0f} MB"
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("GPT2_ONNX_VENV_TEST") == "1"),
+                    reason="installs into a fresh venv (minutes); runs in CI or with "
+                           "GPT2_ONNX_VENV_TEST=1")
+def test_fresh_venv_base_install_without_extras(tiny_dir: Path, tmp_path: Path) -> None:
+    """`pip install gpt2-onnx` alone: no onnxruntime; help names the extras, the tokenizer
+    commands work, generation says which extra to add (issue 11)."""
+    src = _copy_sources(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, cli = venv / "bin" / "python", venv / "bin" / "gpt2-onnx"
+    install = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-q", str(src)],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stdout + install.stderr
+    for absent in ("onnxruntime", "torch"):
+        show = subprocess.run([str(py), "-m", "pip", "show", absent], capture_output=True,
+                              text=True, timeout=120)
+        assert show.returncode != 0, f"{absent} got installed without an extra"
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=120,
+                              env=env)
+
+    help_ = run("--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "gpt2-onnx[cpu]" in help_.stdout and "gpt2-onnx[export]" in help_.stdout
+    tok = run("tokenize", str(tiny_dir), "Paris will")
+    assert tok.returncode == 0 and json.loads(tok.stdout) == [40313, 481], tok.stderr
+    assert run("info", str(tiny_dir)).returncode == 0
+    gen = run("generate", str(tiny_dir), "Paris will")
+    assert gen.returncode == 1 and "Traceback" not in gen.stderr
+    assert len(gen.stderr.strip().splitlines()) == 1 and "gpt2-onnx[cpu]" in gen.stderr
+    export = run("export", "--random-init", "tiny")
+    assert export.returncode == 1 and "gpt2-onnx[export]" in export.stderr
 
 
 # ------------------------------------------------------------------------------ the server

@@ -202,12 +202,12 @@ def assert_decode_traffic(gen: TextGenerator, step: Counter, batch: int, past: i
     logits_names = {io.logits, getattr(io, "logits_last", "") or io.logits}
     host_outputs = [k for k in step if k.startswith("out:") and k.endswith("@cpu")]
     device_outputs = [k for k in step if k.startswith("out:") and not k.endswith("@cpu")]
-    if dec.device == "cpu":
+    if dec.device.name == "cpu":
         # On CPU the presents are bound to the session's device, which is the host.
         assert len(host_outputs) == 1 + n_kv
     else:
         assert len(host_outputs) == 1 and host_outputs[0][4:-4] in logits_names
-        assert len(device_outputs) == n_kv and all(k.endswith(f"@{dec.device}")
+        assert len(device_outputs) == n_kv and all(k.endswith(f"@{dec.device.name}")
                                                    for k in device_outputs)
     downs = {k: v for k, v in step.items() if k.startswith("down:")}
     assert len(downs) == 1 and next(iter(downs))[5:] in logits_names  # only logits come down
@@ -317,7 +317,7 @@ def test_decode_step_moves_only_ids_up_and_logits_down(tiny_fp16_dir: Path,
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
 def test_auto_resolves_to_cpu_without_cuda_provider() -> None:
-    assert resolve_device("auto") == "cpu"
+    assert resolve_device("auto").name == "cpu"
 
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
@@ -345,7 +345,7 @@ def test_cuda_greedy_parity_fp32(tiny_dir: Path, tiny_reference: Any) -> None:
     import torch
 
     gen = TextGenerator.load(tiny_dir, device="cuda", precision="fp32")
-    assert gen.device == "cuda"
+    assert gen.device.name == "cuda"
     prompt = gen.encode("Paris will")
     with torch.no_grad():
         ids = torch.tensor([prompt])

@@ -95,7 +95,7 @@ def test_graph_io_names_match_manifest(which: str, request: pytest.FixtureReques
     past = io.kv_inputs(n_layer)
     present = io.kv_outputs(n_layer)
     assert len(past) == len(present) == 2 * n_layer
-    # Hand-written expectation of optimum's names (FACTS.md), layer by layer.
+    # Hand-written expectation of optimum's names (docs/facts.md), layer by layer.
     for i in range(n_layer):
         assert f"past_key_values.{i}.key" in past and f"past_key_values.{i}.value" in past
         assert f"present.{i}.key" in present and f"present.{i}.value" in present

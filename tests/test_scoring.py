@@ -129,15 +129,49 @@ def fused_fp32_dir(tiny_dir: Path, tiny_reference, tmp_path_factory) -> Path:
     return out
 
 
-def test_last_row_variant_scores_stepwise(fused_fp32_dir: Path, tiny_reference) -> None:
+@pytest.mark.parametrize("mode", ["auto", "step"])
+def test_fused_variant_scores_equal_transformers(fused_fp32_dir: Path, tiny_reference,
+                                                mode: str) -> None:
     gen_f = TextGenerator.load(fused_fp32_dir, device="cpu", precision="fp32", threads=2)
     assert gen_f.decoder.variant.io.logits_rows == "last"
-    scores = score_texts(gen_f, TEXTS, batch_size=3)  # auto -> one token per step
+    scores = score_texts(gen_f, TEXTS, batch_size=3, mode=mode)  # auto: one prefill per batch
     for text, s in zip(TEXTS, scores, strict=True):
         ids = [BOS] + gen_f.encode(text)
         loss, per_token = torch_reference(tiny_reference, ids)
         np.testing.assert_allclose(s.logprobs, per_token, rtol=0, atol=1e-4)
         assert s.perplexity == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+class _CountingSession:
+    """Wraps an onnxruntime session and counts its runs."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self.runs = 0
+
+    def run_with_iobinding(self, binding, *args) -> None:
+        self.runs += 1
+        self._session.run_with_iobinding(binding, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def test_fused_variant_scores_1000_tokens_in_one_prefill_per_window(
+        fused_fp32_dir: Path, gen) -> None:
+    gen_f = TextGenerator.load(fused_fp32_dir, device="cpu", precision="fp32", threads=2)
+    counter = _CountingSession(gen_f.decoder.session)
+    gen_f.decoder.session = counter
+    text = " ".join(f"word{i % 37} and number {i}," for i in range(400))
+    ids = gen_f.encode(text)[:1000]
+    assert len(ids) == 1000
+    (fused,) = score_ids(gen_f.decoder, [ids], batch_size=1, stride=128)
+    # Hand count: bos + 1000 tokens = 1001 positions, windows of 256 every 128 tokens start at
+    # 0, 128, ..., 768 (768 + 256 >= 1001): 7 windows, one session run (a prefill) each.
+    assert counter.runs == 7
+    (reference,) = score_ids(gen.decoder, [ids], batch_size=1, stride=128)  # optimum's graph
+    assert fused.n_tokens == reference.n_tokens == 1000
+    np.testing.assert_allclose(fused.logprobs, reference.logprobs, rtol=0, atol=1e-4)
 
 
 def test_batch_logits_rows_predict_next_token(gen, tiny_reference) -> None:
