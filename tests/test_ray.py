@@ -261,3 +261,29 @@ def test_ray_options_map_to_serve_settings(tiny_fused_dir: Path) -> None:
         RayOptions(serve=base, replicas=3, max_replicas=2).validate()
     with pytest.raises(ValueError, match="replicas must be >= 1"):
         RayOptions(serve=base, replicas=0).validate()
+
+
+def test_deploy_examples_are_valid_serve_configs(tiny_fused_dir: Path) -> None:
+    """deploy/serve-config.yaml and the RayService's serveConfigV2 pass Serve's own schema, and
+    their args build the application (model_dir pointed at a local export)."""
+    yaml = pytest.importorskip("yaml")
+    pytest.importorskip("ray.serve")
+    from ray.serve.schema import ServeDeploySchema
+
+    from gpt2_onnx.serve.ray_app import app_builder
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    config = yaml.safe_load((deploy / "serve-config.yaml").read_text())
+    service = yaml.safe_load((deploy / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    for doc in (config, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema.parse_obj(doc).applications[0]
+        assert app.import_path == "gpt2_onnx.serve.ray_app:app_builder"
+        args = {**app.args, "model_dir": str(tiny_fused_dir), "precision": "fp32-fused"}
+        dep = app_builder(args)._bound_deployment
+        assert dep.ray_actor_options == {"num_cpus": args["threads"]}
+        assert dep.max_ongoing_requests == args["slots"]
+        assert dep.max_queued_requests == args["max_queue"]
+        assert dep._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
+    with pytest.raises(ValueError, match="unknown setting"):
+        app_builder({"model_dir": str(tiny_fused_dir), "slot": 4})
