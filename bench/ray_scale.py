@@ -11,7 +11,8 @@ Setups, each a fresh subprocess on the loopback address, the same total cores (-
 At each concurrency (--concurrency, 1,4,8) a closed loop of streamed greedy completions
 (bench/serve_load.py's clients): tokens/s, time to first token p50/p99, errors. Bounded in
 requests (--level-requests) and seconds (--level-seconds) per level. Writes OUT/ray_scale.json
-and OUT/ray_scale.md (OUT: results/ray/, or results/ray/quick/ with --quick).
+and OUT/ray_scale.md (OUT: results/ray/, or results/ray/quick/ with --quick); the servers' logs
+go to a temporary directory (printed).
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def run(model_dir: Path, precision: str | None, cfg: serve_load.Config, cores: i
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "setups": {},
     }
+    logs = Path(tempfile.mkdtemp(prefix="ray_scale-"))  # servers' stderr (Ray's is chatty)
+    print(f"server logs: {logs}", flush=True)
     for name, args in setups(cores):
         extra = ["--precision", precision] if precision else []
-        log = out / f"server-{re.sub(r'[^a-z0-9]+', '-', name)}.log"
+        log = logs / f"server-{re.sub(r'[^a-z0-9]+', '-', name)}.log"
         t0 = time.perf_counter()
         server = Server([str(model_dir), *args, *extra, "--slots", str(cfg.slots),
                          "--max-queue", str(cfg.max_queue)], log)

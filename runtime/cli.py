@@ -8,7 +8,6 @@ alone) `--help`, `info`, `tokenize` and `decode` work; generation names the extr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -28,7 +27,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.\n\n"
          "Extras: pip install 'gpt2-onnx\\[cpu]' (or \\[gpu]) adds onnxruntime for generate, "
-         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify.")
+         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify; "
+         "'gpt2-onnx\\[serve]' adds the HTTP server (serve).")
 err = Console(stderr=True, highlight=False)
 EXPORT_FIX = (
     "the export extra is not installed: pip install torch==2.13.0 && "
@@ -372,17 +372,6 @@ def bench(
     Console().print(table)
 
 
-# --------------------------------------------------------------------------- serve
-
-# The server is its own package (gpt2_onnx.serve imports the runtime, never the reverse); its CLI
-# module imports only typer, so `serve` is listed even without the serve extra and then answers
-# with the install hint.
-if importlib.util.find_spec("gpt2_onnx.serve") is not None:
-    from gpt2_onnx.serve.cli import register as _register_serve
-
-    _register_serve(app)
-
-
 # --------------------------------------------------------------------------- export / verify
 
 
@@ -412,6 +401,18 @@ def _register_export_commands() -> None:
                 "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def _register_serve_command() -> None:
+    """`serve` from gpt2_onnx.serve (the server imports the runtime, never the reverse). Its CLI
+    module imports only typer, so the command is listed even without the serve extra and then
+    answers with the install hint."""
+    from gpt2_onnx.serve.cli import register
+
+    register(app)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -433,6 +434,7 @@ class _signals_as_interrupt:
 
 
 _register_export_commands()
+_register_serve_command()
 
 
 def main() -> None:

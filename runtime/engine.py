@@ -518,12 +518,15 @@ class Engine:
         if idle_stop is not None and not idle_stop > 0:
             raise ValueError(f"idle_stop must be None or > 0 seconds, got {idle_stop!r}")
         if not isinstance(generator.decoder, SharedKVDecoder):
+            from gpt2_onnx.runtime import variants
+
             precision = generator.decoder.variant.precision
+            shared = [n for n in variants.names() if variants.get(n).kv_layout == "shared"]
             raise Gpt2OnnxError(
-                f"the {precision!r} variant (optimum's concat-KV graph) cannot share KV slots: "
-                "its cache is a new tensor per step for the whole batch, so requests cannot "
-                "join or leave a running batch. Load a shared-KV variant for the engine "
-                "(fp32-fused, int8 or int4: `TextGenerator.load(dir, precision='fp32-fused')`), "
+                f"the {precision!r} variant (a concat-KV graph) cannot share KV slots: its "
+                "cache is a new tensor per step for the whole batch, so requests cannot join or "
+                "leave a running batch. Load a shared-KV variant for the engine "
+                f"({', '.join(shared)}: `TextGenerator.load(dir, precision={shared[0]!r})`), "
                 "or use TextGenerator.generate, which runs this one as static batches.")
         self.generator = generator
         self.decoder: SharedKVDecoder = generator.decoder

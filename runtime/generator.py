@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from gpt2_onnx.runtime.decoder import Decoder
     from gpt2_onnx.runtime.engine import DoneEvent, Engine, GenerationParams, Request, TokenEvent
 
-FINISH_REASONS = ("length", "eos", "stop")  # "cancelled" and "error" too on the engine
 # TextGenerator's own engine (shared-KV variants): requests decoded together, prompt tokens
 # loaded per step while others decode, seconds idle before its thread and buffers go away.
 ENGINE_SLOTS = 8

@@ -108,14 +108,15 @@ class SharedKVDecoder(DecoderBase):
     def start_slots(self, slots: int, max_len: int) -> SlotCache:
         """Buffers for `slots` independent rows of up to `max_len` positions each."""
         if not 1 <= max_len <= self.dims.n_positions:
-            raise ValueError(f"max_len {max_len} must be in 1..{self.dims.n_positions} "
-                             "(the model's n_positions)")
+            raise DecoderInputError(f"max_len {max_len} must be in 1..{self.dims.n_positions} "
+                                    "(the model's n_positions)")
         if slots < 1:
-            raise ValueError(f"slots must be at least 1, got {slots}")
+            raise DecoderInputError(f"slots must be at least 1, got {slots}")
         shape = (slots, self.dims.n_head, max_len, self.dims.head_dim)
         owners: dict[str, object] = {}
         pointers: dict[str, int] = {}
-        zeros = None if self.device.name == "cpu" else np.zeros(shape, dtype=self._np_dtype)
+        on_host = self.device.ort_device == "cpu"
+        zeros = None if on_host else np.zeros(shape, dtype=self._np_dtype)
         for name in self._past:
             if zeros is None:
                 arr = np.zeros(shape, dtype=self._np_dtype)  # lazily committed zero pages
@@ -140,8 +141,8 @@ class SharedKVDecoder(DecoderBase):
         """
         n = len(ids)
         if n < 1 or not 0 <= start or start + n > cache.max_len:
-            raise ValueError(f"prefill_slot: {n} tokens at position {start} do not fit a slot "
-                             f"of {cache.max_len} positions")
+            raise DecoderInputError(f"prefill_slot: {n} tokens at position {start} do not fit "
+                                    f"a slot of {cache.max_len} positions")
         logits = self._run_slots(
             cache, slot, 1,
             input_ids=np.asarray([ids], dtype=np.int64),  # [1, n]
@@ -157,7 +158,8 @@ class SharedKVDecoder(DecoderBase):
         held_arr = np.asarray(held, dtype=np.int64)  # [rows]
         rows = len(tokens)
         if held_arr.shape != (rows,) or rows < 1:
-            raise ValueError("decode_slots: one held length per token, at least one row")
+            raise DecoderInputError(
+                "decode_slots: one held length per token, at least one row")
         logits = self._run_slots(
             cache, first, rows,
             input_ids=np.asarray(tokens, dtype=np.int64)[:, None],  # [rows, 1]
@@ -171,10 +173,11 @@ class SharedKVDecoder(DecoderBase):
                    ) -> np.ndarray:
         """Bind slots [first, first + rows) by address as past and present; run once."""
         if not 0 <= first or first + rows > cache.slots:
-            raise ValueError(f"slots {first}..{first + rows - 1} outside 0..{cache.slots - 1}")
+            raise DecoderInputError(
+                f"slots {first}..{first + rows - 1} outside 0..{cache.slots - 1}")
         if int(lengths.max()) > cache.max_len:
-            raise ValueError(f"a row would hold {int(lengths.max())} positions; the slots hold "
-                             f"{cache.max_len}")
+            raise DecoderInputError(f"a row would hold {int(lengths.max())} positions; the "
+                                    f"slots hold {cache.max_len}")
         io = self.variant.io
         binding = self.session.io_binding()
         binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))

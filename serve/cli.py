@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.device import DEVICE_CHOICES
+
 if TYPE_CHECKING:
     from gpt2_onnx.serve.server import ServeOptions
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
+# Built here from the registry and the Device choices, not imported from runtime/cli.py, which
+# imports this module while it loads.
+_SHARED = [n for n in variants.names() if variants.get(n).kv_layout == "shared"]
+DEVICE_HELP = f"{', '.join(DEVICE_CHOICES)} (a GPU by id)."
+PRECISION_HELP = (f"Variant to serve, one of the directory's with shared KV slots "
+                  f"({', '.join(_SHARED)}); default: the device's preferred one present.")
 
 
 def missing_serve_packages() -> list[str]:
@@ -44,10 +53,10 @@ def serve_cmd(
                                            "on every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one; the URL is printed).")]
     = 8000,
-    precision: Annotated[str | None, typer.Option(help="Variant to serve [per device].")]
-    = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="CPU threads [physical cores].")] = None,
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads (default: the physical cores).")] = None,
     slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "
                                                 "429.")] = 64,

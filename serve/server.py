@@ -73,19 +73,22 @@ class ServeOptions:
 def check_model_dir(opts: ServeOptions) -> str:
     """Read the manifest and pick the variant now (cheap), so a wrong directory or a variant the
     engine cannot batch fails before the server starts. Returns the precision."""
+    from gpt2_onnx.runtime import variants
+    from gpt2_onnx.runtime.device import resolve_device
     from gpt2_onnx.runtime.generator import pick_variant
     from gpt2_onnx.runtime.manifest import read_manifest
-    from gpt2_onnx.runtime.session import resolve_device
 
     manifest = read_manifest(opts.model_dir)
     variant = pick_variant(manifest, opts.precision, resolve_device(opts.device))
-    if variant.io.kv_layout != "shared":
-        shared = [p for p, v in manifest.variants.items() if v.io.kv_layout == "shared"]
-        hint = (f"pass --precision {shared[0]}" if shared else
-                "re-export with --precision fp32,fp32-fused (or int8 / int4)")
+    if variants.get(variant.precision).kv_layout != "shared":
+        present = [p for p in manifest.variants if variants.get(p).kv_layout == "shared"]
+        known = [n for n in variants.names() if variants.get(n).kv_layout == "shared"]
+        hint = (f"pass --precision {present[0]}" if present else
+                f"re-export with a shared-KV variant beside fp32 (--precision fp32,{known[0]}; "
+                f"any of {', '.join(known)})")
         raise Gpt2OnnxError(
-            f"{opts.model_dir}: variant {variant.precision!r} (optimum's concat-KV graph) cannot "
-            f"batch requests in flight; the server needs a shared-KV variant: {hint}")
+            f"{opts.model_dir}: variant {variant.precision!r} (a concat-KV graph) cannot batch "
+            f"requests in flight; the server needs a shared-KV variant: {hint}")
     return variant.precision
 
 

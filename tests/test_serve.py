@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 
@@ -535,3 +536,47 @@ def test_without_the_serve_extra_the_command_says_what_to_install(tiny_fused_dir
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, "COLUMNS": "300"})
     assert listed.returncode == 0 and "serve" in listed.stdout
+
+
+def test_another_host_mounts_the_app_and_health_is_503_until_loaded(gen) -> None:
+    """The routes on a host other than `gpt2-onnx serve` (uvicorn in a thread here, as a Ray
+    Serve deployment would mount them): 503 while no engine is set, then the same answers."""
+    import socket
+
+    import uvicorn
+
+    from gpt2_onnx.runtime.engine import Engine
+    from gpt2_onnx.serve.app import create_app
+    from gpt2_onnx.serve.routes import ServerState
+
+    state = ServerState(model_id="hosted")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    engine = Engine(gen, slots=2, max_queue=2)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "loading"
+        err = _assert_error(httpx.post(f"{url}/v1/completions", json={"prompt": "x"},
+                                       timeout=10), 503)
+        assert err["code"] == "loading"
+        state.set_ready(engine.start())
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        res = httpx.post(f"{url}/v1/completions", timeout=60,
+                         json={"model": "hosted", "prompt": "Paris will", "max_tokens": 6,
+                               "seed": 4})
+        assert res.json()["choices"][0]["text"] == gen.generate(
+            "Paris will", max_new_tokens=6, seed=4, top_k=None).text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+        sock.close()
