@@ -217,6 +217,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     # The server's own host/port do not apply: Serve's proxy listens (http_options).
     values.pop("host", None)
     values.pop("port", None)
+    if values.get("api_key") is None and os.environ.get("GPT2_ONNX_API_KEY"):
+        values["api_key"] = os.environ["GPT2_ONNX_API_KEY"]  # kept out of the config file
     return build_app(RayOptions(serve=_serve_options(values), **ray_values))
 
 
