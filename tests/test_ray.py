@@ -4,7 +4,8 @@ A local Ray is started by the CLI under test (num_cpus = 2 replicas x 1 thread, 
 and stopped by its SIGTERM. Against the single-process server on the same tiny export: both
 replicas answer (the x-gpt2-onnx-replica header names them), completions streamed and not equal
 the single server's for the same seed, and a replica killed (SIGKILL) mid-stream is replaced
-while the endpoint keeps answering; the stream it carried ends with an error, not a hang.
+while the endpoint keeps answering; the stream it carried ends with an error, not a hang. On a
+copy with a changed file no replica starts and the CLI exits 1 naming it.
 
 Slow (Ray's own processes start in ~30 s on 2 busy cores): run with `pytest -m slow
 tests/test_ray.py`. The replica's hash check runs without Ray (fast).
@@ -301,3 +302,25 @@ def test_deploy_examples_are_valid_serve_configs(tiny_fused_dir: Path) -> None:
         assert dep._deployment_config.autoscaling_config.max_replicas == args["max_replicas"]
     with pytest.raises(ValueError, match="unknown setting"):
         app_builder({"model_dir": str(tiny_fused_dir), "slot": 4})
+
+
+@pytest.mark.slow
+def test_a_changed_copy_fails_to_deploy_and_says_why(tiny_fused_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """Every replica checks the hashes: on a copy with one file changed (same size), no replica
+    starts, Serve reports the deployment failed, and the CLI exits 1 naming the file."""
+    pytest.importorskip("ray.serve")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_fused_dir, copy)
+    tokenizer = copy / "tokenizer.json"
+    data = bytearray(tokenizer.read_bytes())
+    data[data.index(b": ") + 1] = ord("\t")
+    tokenizer.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", LAUNCH, "serve", str(copy), "--ray",
+                          "--replicas", "1", "--threads", "1", "--port", str(_free_port())],
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "COLUMNS": "300", "NO_COLOR": "1"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "failed to deploy" in res.stderr and "sha256 mismatch for tokenizer.json" in \
+        res.stderr, res.stderr[-3000:]
