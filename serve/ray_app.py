@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,10 @@ class RayOptions:
     check_hashes: bool = True  # sha256 of every file against the manifest before loading
     address: str | None = None  # a running Ray cluster ("auto", "ray://..."); None: RAY_ADDRESS
     # or a local Ray started here with num_cpus = replicas x threads
-    extra: dict[str, Any] = field(default_factory=dict)  # more deployment options, as Serve's
 
     @property
     def threads(self) -> int:
+        """A replica's intra-op threads and its num_cpus (1 when the server's is unset)."""
         return self.serve.threads or 1
 
     def validate(self) -> None:
@@ -97,7 +97,6 @@ class RayOptions:
             }
         else:
             opts["num_replicas"] = self.replicas
-        opts.update(self.extra)
         return opts
 
 
@@ -172,11 +171,12 @@ class ReplicaHeader:
 
 def _replica_id() -> str:
     """Serve's id of this replica (unique within the deployment); the pid outside Serve."""
-    try:
-        from ray import serve
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
 
+    try:
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # not in a replica (a direct construction, e.g. in a test)
+    except RayServeException:  # not in a replica (a direct construction, e.g. in a test)
         return f"pid-{os.getpid()}"
 
 
@@ -197,6 +197,7 @@ def build_app(opts: RayOptions) -> Any:
     check_model_dir(opts.serve)  # a wrong directory fails here, before any replica starts
     settings = asdict(opts.serve)
     settings["model_dir"] = str(Path(opts.serve.model_dir).resolve())
+    settings["threads"] = opts.threads  # onnxruntime's threads = the CPUs Ray reserved
     ingress = serve.ingress()(Gpt2OnnxReplica)
     return serve.deployment(ingress, **opts.deployment_options()).bind(settings,
                                                                        opts.check_hashes)
