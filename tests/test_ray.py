@@ -151,9 +151,10 @@ def test_replicas_answer_like_the_single_server_and_survive_a_kill(on_ray: Cli,
         answered.add(replica or "")
     assert answered == seen, (answered, seen)
 
-    # Kill the replica carrying a long stream: the stream ends with an error, not a hang.
-    # Plain requests in flight at the same time (Serve balances them over both replicas): each
-    # ends with a 200 from the survivor or a 5xx, none hangs.
+    # Kill the replica carrying a long stream right after its first token (pids looked up
+    # first: the stream must still be running); plain requests sent at the kill each end with
+    # a 200 from the survivor or a 5xx, none hangs.
+    pids = {r: _replica_pid(on_ray.log, r) for r in seen}
     body = {"prompt": "Paris will", "max_tokens": 250, "temperature": 0.9, "seed": 1}
     plain: list[tuple[int, str | None]] = []
     t0 = time.monotonic()
@@ -161,13 +162,11 @@ def test_replicas_answer_like_the_single_server_and_survive_a_kill(on_ray: Cli,
                       timeout=30) as res:
         assert res.status_code == 200
         victim = res.headers[HEADER]
-        pid = _replica_pid(on_ray.log, victim)
         lines = res.iter_lines()
         next(line for line in lines if line.startswith("data: "))
+        os.kill(pids[victim], signal.SIGKILL)
         pool = ThreadPoolExecutor(4)
         futures = [pool.submit(_post, on_ray.url, {**body, "seed": i}) for i in range(4)]
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
         rest: list[str] = []
         with pytest.raises(httpx.HTTPError):  # the connection is cut (or an error event ends it)
             for line in lines:
@@ -182,18 +181,23 @@ def test_replicas_answer_like_the_single_server_and_survive_a_kill(on_ray: Cli,
     for status, replica in plain:
         assert status == 200 and replica != victim or 500 <= status < 600, plain
     assert time.monotonic() - t0 < 90
-    print('plain requests in flight at the kill:', plain)
+    print('plain requests sent at the kill:', plain)
 
     # The endpoint keeps answering (the other replica), and Serve starts a replacement.
     deadline = time.monotonic() + 120
     replacement = None
+    failed = 0  # 5xx while Serve's router still counts the dead replica (none seen so far)
     while time.monotonic() < deadline and replacement is None:
         res = _post(on_ray.url, BODIES[2])
-        assert res.status_code == 200, res.text
-        assert res.headers[HEADER] != victim
+        assert res.status_code == 200 or 500 <= res.status_code < 600, res.text
+        if res.status_code == 200:
+            assert res.headers[HEADER] != victim
+        else:
+            failed += 1
         replacement = next((r for r in _health_replicas(on_ray.url) if r not in seen), None)
         time.sleep(0.5)
     assert replacement is not None, "no replacement replica within 120 s"
+    assert failed <= 3, f"{failed} requests failed after the kill"
     assert _post(on_ray.url, BODIES[0]).json()["choices"] == \
         _post(single.url, BODIES[0]).json()["choices"]
 
