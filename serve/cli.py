@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.device import DEVICE_CHOICES
+
+if TYPE_CHECKING:
+    from gpt2_onnx.serve.server import ServeOptions
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
@@ -68,6 +71,15 @@ def serve_cmd(
         help="The model id clients send and /v1/models lists [the directory's name].")] = None,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the playground page at GET / "
                                      "(a browser UI over the same API).")] = True,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run as a Ray Serve application: --replicas engines behind Serve's proxy "
+        "(needs the ray extra; RAY_ADDRESS or --ray-address joins a cluster).")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: replicas (each --threads CPUs, "
+                                               "--slots ongoing requests).")] = 2,
+    max_replicas: Annotated[int | None, typer.Option(
+        help="With --ray: autoscale on ongoing requests from --replicas up to this.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --ray: a running cluster [RAY_ADDRESS, else a local Ray].")] = None,
 ) -> None:
     """Serve the model over HTTP with OpenAI's Completions API (needs the serve extra)."""
     from gpt2_onnx.runtime.cli import _run, err, fail
@@ -83,9 +95,31 @@ def serve_cmd(
                         device=device, threads=threads, slots=slots, max_queue=max_queue,
                         api_key=api_key, grace=grace, log_prompts=log_prompts,
                         model_id=model_name, ui=ui)
+    if ray:
+        _serve_ray(opts, replicas, max_replicas, ray_address)
+        return
     try:
         code = _run(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
     except OSError as exc:  # the port is taken, the address is not ours
         fail(str(exc))
+    if code:
+        raise typer.Exit(code)
+
+
+def _serve_ray(opts: ServeOptions, replicas: int, max_replicas: int | None,
+               address: str | None) -> None:
+    """`serve --ray`: the same app on Ray Serve replicas (gpt2_onnx.serve.ray_app)."""
+    from dataclasses import replace
+
+    from gpt2_onnx.runtime.cli import _run, err, fail
+
+    if importlib.util.find_spec("ray") is None:
+        fail("the ray extra is not installed: pip install 'gpt2-onnx[ray]'")
+    from gpt2_onnx.serve.ray_app import RayOptions, run
+
+    threads = opts.threads or 1  # a replica's CPUs (its num_cpus)
+    ray_opts = RayOptions(serve=replace(opts, threads=threads), replicas=replicas,
+                          max_replicas=max_replicas, address=address)
+    code = _run(run, ray_opts, lambda msg: err.print(msg, markup=False, highlight=False))
     if code:
         raise typer.Exit(code)

@@ -120,7 +120,7 @@ def test_fresh_venv_with_cpu_extra_only(tiny_dir: Path, tmp_path: Path) -> None:
                               f"{src}[cpu]"], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr
     install_s = time.monotonic() - start
-    for heavy in ("torch", "transformers", "optimum", "optimum-onnx"):
+    for heavy in ("torch", "transformers", "optimum", "optimum-onnx", "ray"):
         show = subprocess.run([str(py), "-m", "pip", "show", heavy], capture_output=True,
                               text=True, timeout=120)
         assert show.returncode != 0, f"{heavy} got installed with the cpu extra"
@@ -178,16 +178,18 @@ def test_fresh_venv_base_install_without_extras(tiny_dir: Path, tmp_path: Path) 
 
 def test_server_runs_with_heavy_modules_blocked(tiny_fused_dir: Path, tmp_path: Path) -> None:
     """`gpt2-onnx serve` (the serve extra on the runtime) answers a completion with torch,
-    transformers and optimum unimportable, and imports nothing of the export half."""
+    transformers, optimum and Ray unimportable, and imports nothing of the export half nor the
+    Ray application (issue 14: only `--ray` needs the ray extra)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     import httpx
 
-    code = BLOCK + textwrap.dedent("""
+    code = BLOCK + "sys.modules['ray'] = None\n" + textwrap.dedent("""
         import atexit
         def report():
             heavy = sorted(m for m, mod in sys.modules.items() if mod is not None  # not blocked
-                           and (m.split(".")[0] in {HEAVY!r} or m.startswith("gpt2_onnx.export")))
+                           and (m.split(".")[0] in {HEAVY!r} or m.startswith("gpt2_onnx.export")
+                                or m.split(".")[0] == "ray" or m == "gpt2_onnx.serve.ray_app"))
             print("HEAVY", heavy, file=sys.stderr, flush=True)
         atexit.register(report)
         from gpt2_onnx.runtime.cli import main
@@ -233,7 +235,7 @@ def test_fresh_venv_with_serve_extra_has_no_torch(tmp_path: Path) -> None:
     install = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-q",
                               f"{src}[serve]"], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr
-    for heavy in ("torch", "transformers", "optimum", "optimum-onnx"):
+    for heavy in ("torch", "transformers", "optimum", "optimum-onnx", "ray"):
         show = subprocess.run([str(py), "-m", "pip", "show", heavy], capture_output=True,
                               text=True, timeout=120)
         assert show.returncode != 0, f"{heavy} got installed with the serve extra"
