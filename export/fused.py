@@ -56,7 +56,8 @@ class QuantRecipe:
     mixed: bool = False
 
     def bits_of(self, layer: int, n_layer: int, kind: str) -> int:
-        """Bits of one linear layer's weights; kind: c_attn, attn.c_proj, c_fc, mlp.c_proj."""
+        """Bits of one linear layer's weights; kind: attn.c_attn, attn.c_proj, mlp.c_fc or
+        mlp.c_proj."""
         if not self.mixed or kind not in ("attn.c_proj", "mlp.c_proj"):
             return self.bits
         edge = max(1, n_layer // 8)
