@@ -36,16 +36,40 @@ IR_VERSION = 8  # what onnxruntime 1.20+ loads; the graph uses no newer types
 EXTERNAL_DATA_MIN_BYTES = 1 << 30  # parameters above 1 GiB go to `<graph>.data` (protobuf: 2 GB)
 INLINE_MAX_BYTES = 1024  # smaller tensors stay in the .onnx file even then
 
-# Weight-only quantization settings (MatMulNBits), chosen by measurement (see the export report).
-BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # int8 activations on the CPU (VNNI/AMX kernels)
-# Quantized variants quantize the tied token table too: once, shared by the lm_head
-# (MatMulNBits) and the embedding (GatherBlockQuantized). False keeps it float32.
-QUANTIZE_LM_HEAD = True
-# Bits of that table. 8 even for int4: on the trained yardstick a 4-bit table raised the mean KL
-# from 4e-5 to 1.3e-3, while an 8-bit table keeps most of the speed (gpt2-large's lm_head reads
-# 64 MB instead of 257 MB in float32).
-TABLE_BITS = {"int8": 8, "int4": 8}
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Weight-only quantization of the fused graph's matmuls (onnxruntime's MatMulNBits).
+
+    Measured on random gpt2-large and the trained yardstick: bench/int4_recipes.py,
+    bench/results/int4_recipes.md.
+    """
+
+    bits: int  # 4 or 8: every linear layer, except what `mixed` keeps in 8 bits
+    block_size: int = 32  # weights per scale (smaller: finer, larger file)
+    symmetric: bool = True  # False stores a zero point per block as well
+    accuracy_level: int = 4  # 4: int8 activations on VNNI/AMX kernels; 0: fp32 activations
+    table_bits: int = 8  # the shared token table (embedding + lm_head): 8-bit even for int4
+    # llama.cpp Q4_K_M's rule: 8-bit attention output and MLP down projections in the first and
+    # last eighth of the layers and in every third layer.
+    mixed: bool = False
+
+    def bits_of(self, layer: int, n_layer: int, kind: str) -> int:
+        """Bits of one linear layer's weights; kind: attn.c_attn, attn.c_proj, mlp.c_fc or
+        mlp.c_proj."""
+        if not self.mixed or kind not in ("attn.c_proj", "mlp.c_proj"):
+            return self.bits
+        edge = max(1, n_layer // 8)
+        return 8 if layer < edge or layer >= n_layer - edge or layer % 3 == 2 else self.bits
+
+
+# The recipe each quantized weight precision gets by default (chosen by measurement: see
+# QuantRecipe). fp32 weights take none.
+RECIPES = {
+    "int8": QuantRecipe(bits=8),
+    "int4": QuantRecipe(bits=4),
+}
 
 FUSED_IO = VariantIO(
     input_ids="input_ids",
@@ -72,6 +96,8 @@ class _Graph:
 
     precision: str
     data_path: Path | None  # None: initializers stay inside the .onnx file
+    recipe: QuantRecipe | None = None  # None: float32 weights
+    n_layer: int = 0
     nodes: list[Any] = field(default_factory=list)
     initializers: list[Any] = field(default_factory=list)
     _data: Any = None  # open file handle of the external data file
@@ -139,11 +165,14 @@ def _numpy(tensor: Any) -> np.ndarray:
 
 
 def _linear(g: _Graph, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-    """x @ w (+ b); w is [in, out] (GPT-2's Conv1D layout). Block-quantized unless fp32."""
-    if g.precision == "fp32":
+    """x @ w (+ b); w is [in, out] (GPT-2's Conv1D layout); name "h.{i}.<kind>". Block-quantized
+    per the recipe unless the weights are float32."""
+    if g.recipe is None:
         y = g.node("MatMul", [x, g.weight(f"{name}.weight", w)], f"{name}/mm", f"{name}/MatMul")
     else:
-        y = _matmul_nbits(g, x, _quantize(g, w, f"{name}.weight"), name)
+        _, layer, kind = name.split(".", 2)
+        bits = g.recipe.bits_of(int(layer), g.n_layer, kind)
+        y = _matmul_nbits(g, x, _quantize(g, w, f"{name}.weight", bits), name)
     if b is None:
         return y
     return g.node("Add", [y, g.weight(f"{name}.bias", b)], f"{name}/out", f"{name}/Add")
@@ -154,34 +183,43 @@ class _Quantized:
     """Names of a block-quantized weight [K, N] stored as MatMulNBits wants it."""
 
     data: str  # uint8 [N, K / block, block * bits / 8]
-    scales: str  # float32 [N, K / block]; symmetric, so no zero points (implicit 2^(bits-1))
+    scales: str  # float32 [N, K / block]
+    zero_points: str | None  # uint8, packed; None when symmetric (implicit 2^(bits-1))
     k: int
     n: int
     bits: int
 
 
-def _quantize(g: _Graph, w: np.ndarray, name: str, bits: int | None = None) -> _Quantized:
-    """Block-quantize w [K, N] with onnxruntime's own MatMulNBits quantizer (one tensor)."""
+def _quantize(g: _Graph, w: np.ndarray, name: str, bits: int,
+              symmetric: bool | None = None) -> _Quantized:
+    """Block-quantize w [K, N] with onnxruntime's own MatMulNBits quantizer (one tensor);
+    symmetric: None follows the recipe."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
     )
 
-    bits = bits or {"int8": 8, "int4": 4}[g.precision]
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True,
-                                          accuracy_level=ACCURACY_LEVEL, bits=bits)
+    recipe = g.recipe
+    assert recipe is not None  # only quantized graphs call this
+    symmetric = recipe.symmetric if symmetric is None else symmetric
+    config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size,
+                                          is_symmetric=symmetric,
+                                          accuracy_level=recipe.accuracy_level, bits=bits)
     # The C++ kernel reads the buffer as C order whatever the strides: pass a contiguous array.
-    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
         np.ascontiguousarray(w))
     k, n = w.shape
+    zp = None if symmetric else g.weight(f"{name}_zp", zero_points)
     return _Quantized(g.weight(f"{name}_Q{bits}", packed), g.weight(f"{name}_scales", scales),
-                      k, n, bits)
+                      zp, k, n, bits)
 
 
 def _matmul_nbits(g: _Graph, x: str, q: _Quantized, name: str) -> str:
-    return g.node("MatMulNBits", [x, q.data, q.scales], f"{name}/mm", f"{name}/MatMulNBits",
-                  domain="com.microsoft", K=q.k, N=q.n, bits=q.bits, block_size=BLOCK_SIZE,
-                  accuracy_level=ACCURACY_LEVEL)
+    assert g.recipe is not None
+    inputs = [x, q.data, q.scales] + ([q.zero_points] if q.zero_points else [])
+    return g.node("MatMulNBits", inputs, f"{name}/mm", f"{name}/MatMulNBits",
+                  domain="com.microsoft", K=q.k, N=q.n, bits=q.bits,
+                  block_size=g.recipe.block_size, accuracy_level=g.recipe.accuracy_level)
 
 
 def _layer_norm(g: _Graph, x: str, ln: Any, eps: float, name: str) -> str:
@@ -247,16 +285,17 @@ def _embed_tokens(g: _Graph, wte: np.ndarray) -> _Quantized | None:
     [N, K] layout, so its quantized bytes serve both the lm_head's MatMulNBits and, reshaped to
     [V, E * bits / 8], a GatherBlockQuantized for the embedding.
     """
-    if g.precision == "fp32" or not QUANTIZE_LM_HEAD:
+    if g.recipe is None:
         g.node("Gather", [g.weight("wte", wte), "input_ids"], "embed/tok", "embed/GatherTok",
                axis=0)
         return None
-    q = _quantize(g, wte.T, "wte", TABLE_BITS[g.precision])
+    # Symmetric whatever the recipe: GatherBlockQuantized then needs no zero points.
+    q = _quantize(g, wte.T, "wte", g.recipe.table_bits, symmetric=True)
     rows = g.node("Reshape", [q.data, g.const("wte.row_shape", [q.n, -1])], "wte/rows",
                   "embed/Rows")
     g.node("GatherBlockQuantized", [rows, "input_ids", q.scales], "embed/tok",
            "embed/GatherBlockQuantized", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-           block_size=BLOCK_SIZE, bits=q.bits)
+           block_size=g.recipe.block_size, bits=q.bits)
     return q
 
 
@@ -335,13 +374,14 @@ def _param_bytes(model: Any) -> int:
 
 
 def build_fused_graph(model: Any, out_dir: Path, precision: str,
-                      graph_name: str | None = None) -> Variant:
+                      graph_name: str | None = None,
+                      recipe: QuantRecipe | None = None) -> Variant:
     """Write `graph_name` (default `model-<precision>.onnx`; + `.onnx.data` when large) into
     out_dir; return its Variant.
 
     model: a transformers GPT2LMHeadModel in eval mode. precision: the weights, fp32, int8 or int4
-    (weight-only MatMulNBits, block 32, symmetric, accuracy_level 4; LayerNorm, attention and the
-    KV cache stay float32). The registry entry's name is the caller's (export/builders.py).
+    (weight-only MatMulNBits per `recipe`, default RECIPES[precision]; LayerNorm, attention and
+    the KV cache stay float32). The registry entry's name is the caller's (export/builders.py).
     """
     import onnx
     import torch
@@ -354,7 +394,11 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str,
     external = _param_bytes(model) > EXTERNAL_DATA_MIN_BYTES
     data_path = out_dir / f"{graph_name}.data" if external else None
     tmp_graph = out_dir / f"{graph_name}.tmp"
-    with torch.no_grad(), _Graph(precision, data_path) as g:
+    if precision != "fp32":
+        recipe = recipe or RECIPES[precision]
+    elif recipe is not None:
+        raise ValueError("recipe: fp32 weights take no quantization recipe")
+    with torch.no_grad(), _Graph(precision, data_path, recipe, model.config.n_layer) as g:
         _build_nodes(g, model)
     inputs, outputs = _graph_io(model.config)
     graph = helper.make_graph(g.nodes, f"gpt2-fused-{precision}", inputs, outputs,

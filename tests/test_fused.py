@@ -278,3 +278,76 @@ def test_fp16_fused_export_passes_verify_on_cpu(tmp_path):
         "logits-prefill", "logits-decode", "greedy-tokens", "cache-vs-recompute",
         "batch-vs-single"}
     assert not list(out.glob(".fp16-fused-src*"))  # the fp32 scratch graph is gone
+
+
+# ------------------------------------------------------------------------- quantization recipes
+
+
+def test_mixed_recipe_picks_llama_cpp_q4_k_m_layers():
+    """8-bit attention-output and MLP-down weights in the first and last eighth of the layers
+    and every third layer (hand-listed for 36 layers); every other weight 4-bit."""
+    recipe = fused.QuantRecipe(bits=4, mixed=True)
+    eight = {i for i in range(36) if recipe.bits_of(i, 36, "mlp.c_proj") == 8}
+    assert eight == {0, 1, 2, 3, 32, 33, 34, 35, 5, 8, 11, 14, 17, 20, 23, 26, 29}
+    assert all(recipe.bits_of(i, 36, "attn.c_proj") == (8 if i in eight else 4)
+               for i in range(36))
+    assert {recipe.bits_of(i, 36, k) for i in range(36) for k in ("attn.c_attn", "mlp.c_fc")} \
+        == {4}
+    assert fused.QuantRecipe(bits=4).bits_of(0, 36, "mlp.c_proj") == 4
+
+
+def _nbits_nodes(model_dir: Path, graph: str) -> dict[str, tuple[int, int]]:
+    """MatMulNBits node name -> (bits, number of inputs) of a written graph."""
+    import onnx
+
+    proto = onnx.load(str(model_dir / graph), load_external_data=False)
+    return {n.name: ({a.name: a.i for a in n.attribute}["bits"], len(n.input))
+            for n in proto.graph.node if n.op_type == "MatMulNBits"}
+
+
+@pytest.mark.parametrize("recipe", [fused.QuantRecipe(bits=4, mixed=True),
+                                    fused.QuantRecipe(bits=4, symmetric=False)],
+                         ids=["mixed", "asymmetric"])
+def test_recipes_build_what_they_say_and_track_transformers(models, decoders, tmp_path, recipe):
+    """On the 3-layer shape: the mixed recipe writes 8-bit c_proj weights in layers 0 and 2 only
+    (edge layers; 2 is also a third layer), the asymmetric one feeds zero points; both stay
+    within int4's bounds against transformers, and the mixed one is closer than plain int4."""
+    model = models["odd"]
+    variant = fused.build_fused_graph(model, tmp_path, "int4", recipe=recipe)
+    nodes = _nbits_nodes(tmp_path, variant.graph)
+    for name, (bits, n_inputs) in nodes.items():
+        layer = int(name.split(".")[1]) if name.startswith("h.") else None
+        want = 8 if name == "lm_head/MatMulNBits" else recipe.bits_of(
+            layer, 3, name.split(".", 2)[2].split("/")[0])
+        assert bits == want, name
+        # asymmetric: a zero-point input beside data and scales (the 8-bit table stays symmetric)
+        assert n_inputs == (3 if recipe.symmetric or name.startswith("lm_head") else 4), name
+    if recipe.mixed:
+        assert {n for n, (b, _) in nodes.items() if b == 8 and n.startswith("h.")} == {
+            "h.0.attn.c_proj/MatMulNBits", "h.0.mlp.c_proj/MatMulNBits",
+            "h.2.attn.c_proj/MatMulNBits", "h.2.mlp.c_proj/MatMulNBits"}
+    c = model.config
+    dims = ModelDims(c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, c.n_positions,
+                     c.vocab_size, c.bos_token_id, c.eos_token_id)
+    session = ort.InferenceSession(str(tmp_path / variant.graph),
+                                   providers=["CPUExecutionProvider"])
+    ids = np.stack(_prompts([40] * 8, seed=2))  # [8, 40]
+
+    def logits_of(dec: SharedKVDecoder) -> np.ndarray:
+        out, _ = dec.forward(dec.start(8, 40), ids, np.ones_like(ids),
+                             np.tile(np.arange(40), (8, 1)), all_logits=True)
+        return out
+
+    got = logits_of(SharedKVDecoder(session, dims, variant))
+    plain = logits_of(decoders["odd", "int4"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()  # [8, 40, vocab]
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= MIN_TOP1["int4"]
+    assert np.abs(got - ref).max() <= MAX_DIFF["int4"]
+    if recipe.mixed:  # more 8-bit weights: strictly less logit noise than plain int4
+        assert np.abs(got - ref).mean() < np.abs(plain - ref).mean()
+
+
+def test_fp32_takes_no_recipe(models, tmp_path):
+    with pytest.raises(ValueError, match="recipe"):
+        fused.build_fused_graph(models["tiny"], tmp_path, "fp32", recipe=fused.RECIPES["int4"])
