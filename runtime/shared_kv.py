@@ -168,6 +168,22 @@ class SharedKVDecoder(DecoderBase):
             logits_index=np.zeros((rows, 1), dtype=np.int64))
         return logits[:, 0, :]
 
+    def _bind_step_inputs(self, input_ids: np.ndarray, position_ids: np.ndarray,
+                          lengths: np.ndarray, logits_index: np.ndarray) -> ort.IOBinding:
+        """A fresh IOBinding with one step's small host inputs bound (ids, positions, each row's
+        total length, the rows whose logits to return); the caller binds the KV buffers."""
+        io = self.variant.io
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))
+        if self._feeds_position_ids:
+            binding.bind_cpu_input(io.position_ids,
+                                   np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(self._seqlens_k, (lengths - 1).astype(np.int32))
+        binding.bind_cpu_input(self._total_length, np.array(lengths.max(), dtype=np.int32))
+        binding.bind_cpu_input(self._logits_index,
+                               np.ascontiguousarray(logits_index, dtype=np.int64))
+        return binding
+
     def _run_slots(self, cache: SlotCache, first: int, rows: int, *, input_ids: np.ndarray,
                    position_ids: np.ndarray, lengths: np.ndarray, logits_index: np.ndarray
                    ) -> np.ndarray:
@@ -179,15 +195,7 @@ class SharedKVDecoder(DecoderBase):
             raise DecoderInputError(f"a row would hold {int(lengths.max())} positions; the "
                                     f"slots hold {cache.max_len}")
         io = self.variant.io
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))
-        if self._feeds_position_ids:
-            binding.bind_cpu_input(io.position_ids,
-                                   np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input(self._seqlens_k, (lengths - 1).astype(np.int32))
-        binding.bind_cpu_input(self._total_length, np.array(lengths.max(), dtype=np.int32))
-        binding.bind_cpu_input(self._logits_index,
-                               np.ascontiguousarray(logits_index, dtype=np.int64))
+        binding = self._bind_step_inputs(input_ids, position_ids, lengths, logits_index)
         shape = [rows, self.dims.n_head, cache.max_len, self.dims.head_dim]
         for past, present in zip(self._past, self._present, strict=True):
             ptr = cache.pointers[past] + first * cache.slot_bytes
@@ -266,15 +274,7 @@ class SharedKVDecoder(DecoderBase):
             raise DecoderInputError(f"a row would hold {int(lengths.max())} positions; the cache "
                                     f"was started with max_len {cache.max_len}")
         io = self.variant.io
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(io.input_ids, np.ascontiguousarray(input_ids, dtype=np.int64))
-        if self._feeds_position_ids:
-            binding.bind_cpu_input(io.position_ids,
-                                   np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input(self._seqlens_k, (lengths - 1).astype(np.int32))
-        binding.bind_cpu_input(self._total_length, np.array(lengths.max(), dtype=np.int32))
-        binding.bind_cpu_input(self._logits_index,
-                               np.ascontiguousarray(logits_index, dtype=np.int64))
+        binding = self._bind_step_inputs(input_ids, position_ids, lengths, logits_index)
         for past, present in zip(self._past, self._present, strict=True):
             buf = cache.buffers[past]
             binding.bind_ortvalue_input(past, buf)
