@@ -174,9 +174,10 @@ class TextGenerator:
         """Generate for one prompt (returns a result) or a list (returns a list, same order).
 
         Each prompt gets the tokens it would get alone (greedy exactly; sampling too, each
-        drawing from its own generator seeded `seed`). Shared-KV variants run on this
-        generator's engine, in one batch with whatever other threads ask at the same time;
-        optimum's concat-KV graph runs the prompts as one static, left-padded batch.
+        drawing from its own generator seeded `seed`). One prompt on a shared-KV variant runs on
+        this generator's engine, in one batch with whatever other threads ask at the same time;
+        a list of prompts (and any call on optimum's concat-KV graph) runs as one static,
+        left-padded batch.
         `sampling` (a SamplingSettings) replaces greedy/top_k/top_p/temperature/
         repetition_penalty when given.
         """
@@ -306,7 +307,10 @@ class TextGenerator:
             params.check_prompt(ids, self.manifest.dims, f"prompt {i}")
             rows.append([int(t) for t in ids])
         texts = list(prompts) if prompts is not None else [self.decode(p) for p in rows]
-        if self.uses_engine:
+        # One prompt: on the engine (calls from several threads share its batch). A list that
+        # starts together: one static batch, which is faster for it today (random gpt2-large
+        # int4, 8 prompts x 48 tokens: 70-80 tok/s static against 38-43 on the engine).
+        if self.uses_engine and len(rows) == 1:
             return self._generate_on_engine(rows, texts, params)
         results: list[GenerationResult] = []
         for results in self._static_batch(rows, texts, params):  # noqa: B007

@@ -428,17 +428,19 @@ def test_sixteen_threads_get_their_own_results(tiny: TextGenerator) -> None:
 # ------------------------------------------------------------------ the front ends
 
 
-def test_generate_shares_one_batch(tiny: TextGenerator, tiny_reference) -> None:
+def test_generate_of_a_list_is_one_static_batch(tiny: TextGenerator, tiny_reference) -> None:
+    """A list of prompts that starts together runs as one static batch (faster than the engine
+    for it today), not through the engine; every row still equals transformers' greedy."""
     prompts = ["Paris will", "", "日本語のテキスト", "a b c d e f", "x" * 30, "Hi", "The", "1 2"]
     engine = tiny.engine()
     steps_before = engine.stats().steps
     results = tiny.generate(prompts, greedy=True, max_new_tokens=16)
-    # Eight prompts of 16 tokens decoded together: about 16 decode runs, not 8 x 15.
-    assert engine.stats().steps - steps_before < 40
+    assert engine.stats().steps == steps_before
     for p, r in zip(prompts, results, strict=True):
         assert r.ids == hf_greedy(tiny_reference, tiny.encode(p), 16)
     streamed = "".join(tiny.stream(prompts[2], greedy=True, max_new_tokens=16))
     assert streamed == results[2].text
+    assert engine.stats().steps > steps_before  # a stream (one prompt) runs on the engine
 
 
 def test_generate_from_threads_on_one_generator(tiny: TextGenerator) -> None:
@@ -494,7 +496,8 @@ def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
         return real(cache, slot, ids, start)
 
     monkeypatch.setattr(tiny.decoder, "prefill_slot", recording)
-    params = GenerationParams(max_new_tokens=200, sampling=GREEDY)
+    # The runners must outlive the join whatever chunk sizes the timings give (cancelled below).
+    params = GenerationParams(max_new_tokens=tiny.manifest.dims.n_positions - 8, sampling=GREEDY)
     engine = Engine(tiny, slots=3, prefill_chunk=32, prefill_budget=0.8)
     runners = [engine.submit([5, 6, 7], params), engine.submit([8], params)]
     for _ in range(5):
