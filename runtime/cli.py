@@ -122,18 +122,10 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _missing_export_packages() -> list[str]:
-    """Top-level packages of the export extra that cannot be imported (checked without importing
-    them: the export half imports them lazily, inside its functions)."""
-    import importlib.util
+    """Top-level packages of the export extra that cannot be imported."""
+    from gpt2_onnx.runtime.errors import missing_packages
 
-    missing = []
-    for name in EXPORT_PACKAGES:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except (ImportError, ValueError):  # a broken or blocked package counts as missing
-            missing.append(name)
-    return missing
+    return missing_packages(EXPORT_PACKAGES)
 
 
 # --------------------------------------------------------------------------- generate

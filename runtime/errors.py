@@ -29,3 +29,18 @@ class DecoderInputError(InternalError, ValueError):
 
 class SessionLoadError(Gpt2OnnxError):
     """onnxruntime cannot load a sound graph here: out of memory, or an operator it lacks."""
+
+
+def missing_packages(names: tuple[str, ...]) -> list[str]:
+    """Those of the top-level packages `names` that cannot be imported, checked without importing
+    them (an extra's heavy packages are imported lazily, where they are used)."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken or blocked package counts as missing
+            missing.append(name)
+    return missing

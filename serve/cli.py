@@ -31,14 +31,9 @@ PRECISION_HELP = (f"Variant to serve, one of the directory's with shared KV slot
 
 def missing_serve_packages() -> list[str]:
     """Packages of the serve extra that cannot be imported (checked without importing them)."""
-    missing = []
-    for name in SERVE_PACKAGES:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except (ImportError, ValueError):  # a broken or blocked package counts as missing
-            missing.append(name)
-    return missing
+    from gpt2_onnx.runtime.errors import missing_packages
+
+    return missing_packages(SERVE_PACKAGES)
 
 
 def register(app: typer.Typer) -> None:
