@@ -46,6 +46,7 @@ from gpt2_onnx.runtime.variants import thresholds_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int4"
 # name -> recipe; the one equal to RECIPES["int4"] is what `--precision int4` exports.
+PROJ = ("attn.c_proj", "mlp.c_proj")  # the projections that write into the residual stream
 CANDIDATES: dict[str, QuantRecipe] = {
     "b32": QuantRecipe(bits=4),  # round to nearest, symmetric, block 32, int8 activations
     "b32-acc0": QuantRecipe(bits=4, accuracy_level=0),  # the same with fp32 activations
@@ -53,8 +54,13 @@ CANDIDATES: dict[str, QuantRecipe] = {
     "b64": QuantRecipe(bits=4, block_size=64),
     "b128": QuantRecipe(bits=4, block_size=128),
     "b32-asym": QuantRecipe(bits=4, symmetric=False),  # a zero point per block
+    "b32-hqq": QuantRecipe(bits=4, method="hqq"),  # HQQ-optimised scale and zero point
     "b32-mixed": QuantRecipe(bits=4, mixed=True),  # llama.cpp Q4_K_M's 8-bit layers
-    "b16-mixed": QuantRecipe(bits=4, block_size=16, mixed=True),
+    "b32-proj8": QuantRecipe(bits=4, keep_8bit=PROJ),  # every output projection 8-bit
+    "b32-asym-proj8": QuantRecipe(bits=4, symmetric=False, keep_8bit=PROJ),
+    "b16-asym-mixed": QuantRecipe(bits=4, block_size=16, symmetric=False, mixed=True),
+    "b16-asym-mixed-attn8": QuantRecipe(bits=4, block_size=16, symmetric=False, mixed=True,
+                                        keep_8bit=("attn.c_proj",)),
     "int8": RECIPES["int8"],  # for reference
 }
 

@@ -116,6 +116,21 @@ def greedy_paths(model: Any, prompts: np.ndarray, new_tokens: int) -> np.ndarray
     return out.numpy()
 
 
+def yardstick_record(yardstick: dict[str, Any]) -> dict[str, Any]:
+    """What quality.json keeps of the checkpoint's yardstick.json: how it was made (the command,
+    every setting, the corpus hash, the first losses, which tests/test_yardstick.py replays) and
+    what it scored."""
+    keep = ("command", "config", "parameters", "steps", "train_seconds", "tokens_seen",
+            "checkpoint_bytes", "bf16_autocast", "final_train_loss", "train_sha256", "python",
+            "torch")
+    return {k: yardstick.get(k) for k in keep} | {
+        "first_losses": (yardstick.get("losses") or [])[:10],
+        "heldout_perplexity": yardstick["heldout"]["perplexity"],
+        "eval_tokens": yardstick["heldout"]["eval_tokens"],
+        "random_init_perplexity": yardstick["heldout"]["random_init_perplexity"],
+    }
+
+
 def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens: int,
             prompts: int, prompt_tokens: int, device: str, threads: int | None,
             batch: int = 2, log: Any = print) -> dict[str, Any]:
@@ -184,13 +199,7 @@ def measure(model_dir: Path, checkpoint: Path, precisions: list[str], *, tokens:
     return {
         "model_dir": str(model_dir),
         "checkpoint": str(checkpoint),
-        "yardstick": {k: yardstick[k] for k in ("parameters", "steps", "train_seconds",
-                                                "tokens_seen", "checkpoint_bytes")}
-        | {"heldout_perplexity": yardstick["heldout"]["perplexity"],
-           "eval_tokens": yardstick["heldout"]["eval_tokens"],
-           "random_init_perplexity": yardstick["heldout"]["random_init_perplexity"],
-           "config": {k: yardstick["config"][k] for k in ("n_layer", "n_head", "n_embd",
-                                                          "n_positions")}},
+        "yardstick": yardstick_record(yardstick),
         "method": {
             "heldout_tokens": int(chunks.size), "chunk_tokens": n_pos,
             "scored_positions": int(len(chunks) * (n_pos - 1)),
@@ -231,6 +240,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"standard library's sources by bench/train_yardstick.py; held-out perplexity "
         f"{y['heldout_perplexity']:.2f} on its first {y['eval_tokens']} held-out tokens "
         f"(random init {y['random_init_perplexity']:.0f}).",
+        "",
+        f"Made by: `{y.get('command') or 'not recorded'}` (Python {y.get('python')}, torch "
+        f"{y.get('torch')}; every setting in quality.json).",
         "",
         f"Held-out: {m['heldout_tokens']} tokens in {m['chunk_tokens']}-token chunks "
         f"({m['scored_positions']} scored positions). Greedy: {m['greedy_prompts']} prompts x "

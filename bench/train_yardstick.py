@@ -4,13 +4,17 @@ Random-init weights give nearly flat distributions, so quantization error measur
 little. This script trains a small GPT-2-architecture model (the real 50257-token GPT-2 tokenizer,
 so the embedding is big and the width small) on text every Python installation carries: the
 standard library's .py sources (site-packages and test directories left out), in sorted order,
-every 20th file held out. Fixed seed; training stops at a time budget (or a step count).
+every 20th file held out. Fixed seed, a fixed number of steps and a schedule that follows the
+steps, fp32 (no bf16 autocast unless asked): the same command gives the same model on any machine
+with the same Python standard library and torch, up to float rounding between thread counts.
 
 It saves a transformers checkpoint that `gpt2-onnx export DIR` takes as a local directory, plus
-`yardstick.json`: size, steps, training time, held-out perplexity and the random-init model's.
+`yardstick.json`: the command line and settings, size, steps, training time, the loss of every
+step, held-out perplexity and the random-init model's.
 
-    python bench/train_yardstick.py --out models/yardstick-ckpt --minutes 6
+    python bench/train_yardstick.py --out models/yardstick-ckpt          # the committed yardstick
     gpt2-onnx export models/yardstick-ckpt --out models/yardstick --precision fp32,int8,int4
+    python bench/train_yardstick.py --out models/yardstick8-ckpt --layers 8   # a deeper one
 
 Needs the export extra (torch, transformers).
 """
@@ -22,6 +26,7 @@ import hashlib
 import json
 import math
 import platform
+import shlex
 import sys
 import sysconfig
 import time
@@ -46,17 +51,16 @@ class TrainConfig:
     n_head: int = 4  # attention heads
     n_embd: int = 128  # width (the lm_head's 6 * width * 50257 FLOPs a token dominate the cost)
     n_positions: int = 256  # context; training windows use all of it
-    batch: int = 2  # windows per step (batch * n_positions tokens)
+    batch: int = 8  # windows per step (batch * n_positions tokens)
     lr: float = 6e-3  # AdamW peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this at the end of the budget
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    minutes: float = 10.0  # wall-clock budget for the optimizer steps (eval not included)
-    max_steps: int | None = None  # stop earlier; with it, the schedule follows steps, not time
+    steps: int = 354  # optimizer steps; the cosine schedule spans them (~12 min on 2 cores)
     eval_tokens: int = 16384  # held-out tokens scored for the perplexities
-    bf16: bool | None = None  # autocast to bfloat16 (None: when the CPU supports it)
+    bf16: bool = False  # autocast to bfloat16 (faster where supported, but machine-dependent)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     max_files: int | None = None  # use only the first N corpus files (quick test runs)
 
@@ -158,8 +162,10 @@ def bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
-    """Train, evaluate, save the checkpoint and yardstick.json into `out`; return the record."""
+def train(cfg: TrainConfig, out: Path, log: Any = None, command: str = "") -> dict[str, Any]:
+    """Train, evaluate, save the checkpoint and yardstick.json into `out`; return the record.
+
+    `command` (the command line that ran this) is recorded beside the settings."""
     import torch
 
     from gpt2_onnx.export.tokenizer import build_gpt2_tokenizer, save_tokenizer_files
@@ -170,7 +176,9 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    if cfg.bf16 and not bf16_supported():
+        raise ValueError("bf16 autocast asked for, but this CPU has no bfloat16 support")
+    use_bf16 = cfg.bf16
     root = stdlib_root()
     files = corpus_files(root)[:cfg.max_files]
     train_files, held_files = split_files(files)
@@ -193,18 +201,13 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
-    budget_s = cfg.minutes * 60.0
     span = cfg.n_positions
     model.train()
-    step, losses = 0, []
+    losses: list[float] = []
     t_train = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - t_train
-        if elapsed >= budget_s or (cfg.max_steps is not None and step >= cfg.max_steps):
-            break
-        progress = step / cfg.max_steps if cfg.max_steps else elapsed / budget_s
+    for step in range(cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step, progress)
+            group["lr"] = learning_rate(cfg, step, step / cfg.steps)
         starts = rng.integers(0, len(train_tokens) - span, size=cfg.batch)
         x = torch.from_numpy(np.stack([train_tokens[s:s + span] for s in starts]).astype(
             np.int64))  # [batch, span]
@@ -215,10 +218,10 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        step += 1
-        if step % 10 == 0:
-            say(f"step {step}: loss {np.mean(losses[-10:]):.3f} "
+        if (step + 1) % 10 == 0:
+            say(f"step {step + 1}/{cfg.steps}: loss {np.mean(losses[-10:]):.3f} "
                 f"({time.perf_counter() - t_train:.0f} s)")
+    step = cfg.steps
     train_s = time.perf_counter() - t_train
 
     model.eval()
@@ -232,6 +235,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
     save_tokenizer_files(out, model.config.n_positions)
     weights = out / "model.safetensors"
     record = {
+        "command": command or None,
         "config": asdict(cfg),
         "parameters": n_params,
         "checkpoint_bytes": weights.stat().st_size if weights.is_file() else None,
@@ -240,6 +244,8 @@ def train(cfg: TrainConfig, out: Path, log: Any = None) -> dict[str, Any]:
         "train_seconds": round(train_s, 1),
         "bf16_autocast": use_bf16,
         "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
+        "losses": losses,  # per step, fp32 training loss: a rerun is checked against these
+        "train_sha256": tokens_sha256(train_tokens),
         "heldout": {
             "perplexity": ppl,
             "random_init_perplexity": init_ppl,
@@ -263,8 +269,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("--minutes", type=float, default=d.minutes, help="training time budget")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="optimizer steps; the learning-rate schedule spans them [%(default)s]")
     p.add_argument("--layers", type=int, default=d.n_layer)
     p.add_argument("--heads", type=int, default=d.n_head)
     p.add_argument("--width", type=int, default=d.n_embd)
@@ -276,16 +282,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-files", type=int, default=None,
                    help="use only the first N corpus files (quick runs)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast [when the CPU supports it]")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16,
+                   help="bfloat16 autocast: faster, but the result depends on the CPU [off]")
     a = p.parse_args(argv)
-    if a.minutes <= 0 or (a.steps is not None and a.steps < 1):
-        p.error("--minutes must be > 0 and --steps >= 1")
+    if a.steps < 1:
+        p.error("--steps must be >= 1")
     if a.width % a.heads:
         p.error(f"--width {a.width} must be a multiple of --heads {a.heads}")
     cfg = TrainConfig(n_layer=a.layers, n_head=a.heads, n_embd=a.width,
                       n_positions=a.positions, batch=a.batch, lr=a.lr, seed=a.seed,
-                      minutes=a.minutes, max_steps=a.steps, eval_tokens=a.eval_tokens,
+                      steps=a.steps, eval_tokens=a.eval_tokens,
                       bf16=a.bf16, threads=a.threads,
                       max_files=a.max_files)
     return cfg, a.out
@@ -293,7 +299,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out = parse_args(argv)
-    record = train(cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    args = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "bench/train_yardstick.py", *args])
+    record = train(cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True),
+                   command=command)
     h = record["heldout"]
     print(json.dumps({"out": str(out), "parameters": record["parameters"],
                       "steps": record["steps"], "train_seconds": record["train_seconds"],

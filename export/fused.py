@@ -38,6 +38,9 @@ INLINE_MAX_BYTES = 1024  # smaller tensors stay in the .onnx file even then
 
 
 
+LINEAR_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
 @dataclass(frozen=True)
 class QuantRecipe:
     """Weight-only quantization of the fused graph's matmuls (onnxruntime's MatMulNBits).
@@ -49,15 +52,30 @@ class QuantRecipe:
     bits: int  # 4 or 8: every linear layer, except what `mixed` keeps in 8 bits
     block_size: int = 32  # weights per scale (smaller: finer, larger file)
     symmetric: bool = True  # False stores a zero point per block as well
+    # "rtn": round to nearest (onnxruntime's default quantizer); "hqq": onnxruntime's HQQ
+    # quantizer (half-quadratic optimised scale and float zero point per block; asymmetric)
+    method: str = "rtn"
     accuracy_level: int = 4  # 4: int8 activations on VNNI/AMX kernels; 0: fp32 activations
     table_bits: int = 8  # the shared token table (embedding + lm_head): 8-bit even for int4
     # llama.cpp Q4_K_M's rule: 8-bit attention output and MLP down projections in the first and
     # last eighth of the layers and in every third layer.
     mixed: bool = False
+    # linear kinds kept in 8 bits in every layer (of attn.c_attn, attn.c_proj, mlp.c_fc,
+    # mlp.c_proj)
+    keep_8bit: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "hqq"):
+            raise ValueError(f"method {self.method!r}: choose rtn or hqq")
+        unknown = set(self.keep_8bit) - set(LINEAR_KINDS)
+        if unknown:
+            raise ValueError(f"keep_8bit: unknown linear kind(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(LINEAR_KINDS)}")
 
     def bits_of(self, layer: int, n_layer: int, kind: str) -> int:
-        """Bits of one linear layer's weights; kind: attn.c_attn, attn.c_proj, mlp.c_fc or
-        mlp.c_proj."""
+        """Bits of one linear layer's weights; kind: one of LINEAR_KINDS."""
+        if kind in self.keep_8bit:
+            return 8
         if not self.mixed or kind not in ("attn.c_proj", "mlp.c_proj"):
             return self.bits
         edge = max(1, n_layer // 8)
@@ -65,10 +83,15 @@ class QuantRecipe:
 
 
 # The recipe each quantized weight precision gets by default (chosen by measurement: see
-# QuantRecipe). fp32 weights take none.
+# QuantRecipe). fp32 weights take none. int4: the smallest recipe measured that keeps random
+# gpt2-large within 4-bit's quality bar (mean KL <= 0.01 nats, i.e. <= 1 % perplexity; plain
+# block-32 round-to-nearest measures 0.018 there): 4-bit weights in blocks of 16 with a zero
+# point each, 8-bit attention output projections in every layer, and llama.cpp Q4_K_M's 8-bit
+# MLP down projections (`mixed`).
 RECIPES = {
     "int8": QuantRecipe(bits=8),
-    "int4": QuantRecipe(bits=4),
+    "int4": QuantRecipe(bits=4, block_size=16, symmetric=False, mixed=True,
+                        keep_8bit=("attn.c_proj",)),
 }
 
 FUSED_IO = VariantIO(
@@ -201,6 +224,8 @@ def _quantize(g: _Graph, w: np.ndarray, name: str, bits: int,
 
     recipe = g.recipe
     assert recipe is not None  # only quantized graphs call this
+    if recipe.method == "hqq" and symmetric is None:
+        return _quantize_hqq(g, w, name, bits)
     symmetric = recipe.symmetric if symmetric is None else symmetric
     config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size,
                                           is_symmetric=symmetric,
@@ -212,6 +237,33 @@ def _quantize(g: _Graph, w: np.ndarray, name: str, bits: int,
     zp = None if symmetric else g.weight(f"{name}_zp", zero_points)
     return _Quantized(g.weight(f"{name}_Q{bits}", packed), g.weight(f"{name}_scales", scales),
                       zp, k, n, bits)
+
+
+def _quantize_hqq(g: _Graph, w: np.ndarray, name: str, bits: int) -> _Quantized:
+    """Block-quantize w [K, N] with onnxruntime's HQQ quantizer: per block a scale and a float
+    zero point chosen by half-quadratic optimisation (needs torch, as export does)."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantizer,
+    )
+
+    assert g.recipe is not None
+    block = g.recipe.block_size
+    k, n = w.shape
+    if k % block:
+        raise ValueError(f"{name}: K={k} is not a multiple of block_size {block}")
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
+    q, scales, zeros = quantizer.quantize_internal(torch.from_numpy(np.ascontiguousarray(w)).T,
+                                                   bits=bits, group_size=block)  # q [N, K]
+    per_byte = 8 // bits
+    packed = torch.zeros((n, k // per_byte), dtype=torch.uint8)
+    quantizer.pack_on_row_fast_248bit(packed, q.contiguous(), bits)
+    packed = packed.numpy().reshape(n, k // block, block // per_byte)  # [N, K/block, blob]
+    scales = scales.numpy().astype(np.float32).reshape(-1)  # [N * K / block]
+    zeros = zeros.numpy().astype(np.float32).reshape(-1)
+    return _Quantized(g.weight(f"{name}_Q{bits}", packed), g.weight(f"{name}_scales", scales),
+                      g.weight(f"{name}_zp", zeros), k, n, bits)
 
 
 def _matmul_nbits(g: _Graph, x: str, q: _Quantized, name: str) -> str:

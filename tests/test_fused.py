@@ -305,47 +305,66 @@ def _nbits_nodes(model_dir: Path, graph: str) -> dict[str, tuple[int, int]]:
             for n in proto.graph.node if n.op_type == "MatMulNBits"}
 
 
+PLAIN_INT4 = fused.QuantRecipe(bits=4)  # block 32, symmetric, round to nearest: the old int4
+
+
 @pytest.mark.parametrize("recipe", [fused.QuantRecipe(bits=4, mixed=True),
-                                    fused.QuantRecipe(bits=4, symmetric=False)],
-                         ids=["mixed", "asymmetric"])
-def test_recipes_build_what_they_say_and_track_transformers(models, decoders, tmp_path, recipe):
+                                    fused.QuantRecipe(bits=4, symmetric=False),
+                                    fused.QuantRecipe(bits=4, method="hqq"),
+                                    fused.RECIPES["int4"]],
+                         ids=["mixed", "asymmetric", "hqq", "default"])
+def test_recipes_build_what_they_say_and_track_transformers(models, tmp_path, recipe):
     """On the 3-layer shape: the mixed recipe writes 8-bit c_proj weights in layers 0 and 2 only
-    (edge layers; 2 is also a third layer), the asymmetric one feeds zero points; both stay
-    within int4's bounds against transformers, and the mixed one is closer than plain int4."""
+    (edge layers; 2 is also a third layer), keep_8bit adds its kinds in every layer, asymmetric
+    and HQQ recipes feed zero points; all stay within int4's bounds against transformers, and
+    those that spend more bits or optimise their scales are closer than plain block-32 int4."""
     model = models["odd"]
     variant = fused.build_fused_graph(model, tmp_path, "int4", recipe=recipe)
     nodes = _nbits_nodes(tmp_path, variant.graph)
+    zero_points = not recipe.symmetric or recipe.method == "hqq"
     for name, (bits, n_inputs) in nodes.items():
         layer = int(name.split(".")[1]) if name.startswith("h.") else None
         want = 8 if name == "lm_head/MatMulNBits" else recipe.bits_of(
             layer, 3, name.split(".", 2)[2].split("/")[0])
         assert bits == want, name
-        # asymmetric: a zero-point input beside data and scales (the 8-bit table stays symmetric)
-        assert n_inputs == (3 if recipe.symmetric or name.startswith("lm_head") else 4), name
+        # zero points: an input beside data and scales (the 8-bit table stays symmetric)
+        assert n_inputs == (4 if zero_points and not name.startswith("lm_head") else 3), name
+    eight = {n for n, (b, _) in nodes.items() if b == 8 and n.startswith("h.")}
     if recipe.mixed:
-        assert {n for n, (b, _) in nodes.items() if b == 8 and n.startswith("h.")} == {
-            "h.0.attn.c_proj/MatMulNBits", "h.0.mlp.c_proj/MatMulNBits",
-            "h.2.attn.c_proj/MatMulNBits", "h.2.mlp.c_proj/MatMulNBits"}
+        assert {"h.0.attn.c_proj/MatMulNBits", "h.0.mlp.c_proj/MatMulNBits",
+                "h.2.attn.c_proj/MatMulNBits", "h.2.mlp.c_proj/MatMulNBits"} <= eight
+        assert "h.1.mlp.c_proj/MatMulNBits" not in eight
+    assert ("h.1.attn.c_proj/MatMulNBits" in eight) == ("attn.c_proj" in recipe.keep_8bit)
     c = model.config
     dims = ModelDims(c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, c.n_positions,
                      c.vocab_size, c.bos_token_id, c.eos_token_id)
-    session = ort.InferenceSession(str(tmp_path / variant.graph),
-                                   providers=["CPUExecutionProvider"])
     ids = np.stack(_prompts([40] * 8, seed=2))  # [8, 40]
 
-    def logits_of(dec: SharedKVDecoder) -> np.ndarray:
+    def logits_of(folder: Path, built: fused.Variant) -> np.ndarray:
+        session = ort.InferenceSession(str(folder / built.graph),
+                                       providers=["CPUExecutionProvider"])
+        dec = SharedKVDecoder(session, dims, built)
         out, _ = dec.forward(dec.start(8, 40), ids, np.ones_like(ids),
                              np.tile(np.arange(40), (8, 1)), all_logits=True)
         return out
 
-    got = logits_of(SharedKVDecoder(session, dims, variant))
-    plain = logits_of(decoders["odd", "int4"])
+    got = logits_of(tmp_path, variant)
+    plain_dir = tmp_path / "plain"
+    plain = logits_of(plain_dir, fused.build_fused_graph(model, plain_dir, "int4",
+                                                         recipe=PLAIN_INT4))
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()  # [8, 40, vocab]
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= MIN_TOP1["int4"]
     assert np.abs(got - ref).max() <= MAX_DIFF["int4"]
-    if recipe.mixed:  # more 8-bit weights: strictly less logit noise than plain int4
+    if recipe.mixed or recipe.method == "hqq":
         assert np.abs(got - ref).mean() < np.abs(plain - ref).mean()
+
+
+def test_recipe_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown linear kind"):
+        fused.QuantRecipe(bits=4, keep_8bit=("mlp.c_up",))
+    with pytest.raises(ValueError, match="method"):
+        fused.QuantRecipe(bits=4, method="gptq")
 
 
 def test_fp32_takes_no_recipe(models, tmp_path):

@@ -465,3 +465,35 @@ def test_real_gpt2_large_greedy_matches_walkthrough(tmp_path: Path) -> None:
     res = gen.generate("Paris will", greedy=True, max_new_tokens=16)
     assert (res.prompt + res.text).startswith(
         "Paris will be the first city in the world to have a fully automated train system")
+
+
+def test_int4_kl_limit_is_the_stated_quality_bar_and_the_yardstick_must_meet_it(tmp_path
+                                                                                ) -> None:
+    """int4's mean-KL limit is the stated bar (1 % perplexity: 0.01 nats), not a multiple of a
+    measurement; a yardstick whose int4 breaks the bar makes the derivation fail, not loosen."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("derive_thresholds",
+                                                  root / "bench" / "derive_thresholds.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    bar, why = derive.QUALITY_BARS["int4"]
+    assert bar == 0.01 and math.exp(bar) - 1 == pytest.approx(0.01005, abs=1e-5)
+    doc = derive.derive(root / "bench" / "results")
+    assert doc["variants"]["int4"]["limits"]["mean_kl_max"] == bar
+    assert doc["variants"]["int4"]["from"]["mean_kl_max"]["rule"] == why
+    # int8 keeps its measured rule: 10 x the yardstick's figure
+    int8 = doc["variants"]["int8"]["from"]["mean_kl_max"]
+    assert doc["variants"]["int8"]["limits"]["mean_kl_max"] == derive.ceil_sig(
+        10 * int8["measured"])
+    # a results folder whose yardstick int4 is worse than the bar cannot produce limits
+    results = tmp_path / "results"
+    shutil.copytree(root / "bench" / "results", results)
+    quality = json.loads((results / "quality.json").read_text())
+    for v in quality["variants"]:
+        if v["name"] == "int4":
+            v["mean_kl"] = 0.02
+    (results / "quality.json").write_text(json.dumps(quality))
+    with pytest.raises(ValueError, match="above its quality bar"):
+        derive.derive(results)

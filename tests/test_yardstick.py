@@ -37,7 +37,7 @@ def ty():
 def short_run(ty, tmp_path_factory) -> tuple[Path, dict]:
     """A seconds-long training run: 1 layer, width 32, 64 positions, 40 corpus files."""
     cfg = ty.TrainConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, batch=4, lr=1e-2,
-                         warmup_steps=3, max_steps=20, minutes=5, eval_tokens=1024,
+                         warmup_steps=3, steps=20, eval_tokens=1024,
                          max_files=40, bf16=False, threads=2)
     out = tmp_path_factory.mktemp("yardstick") / "ckpt"
     record = ty.train(cfg, out)
@@ -113,3 +113,26 @@ def test_short_run_exports_and_scores_like_its_training_eval(ty, short_run, tmp_
     assert rec["method"]["greedy_steps_total"] == 2 * (64 - 16)
     assert "| fp32 |" in quality.markdown(rec)
     assert np.isfinite(onnx_row["max_kl"])
+
+
+def test_the_committed_yardstick_is_what_its_recorded_command_trains(ty, tmp_path) -> None:
+    """Replay the first steps of the recorded command: same corpus, same seed, same losses.
+
+    bench/results/quality.json keeps the command line, every setting and the first losses of the
+    run behind the committed table; a rerun of that command must retrace them (to float rounding:
+    another thread count sums in another order). Warm-up steps do not depend on the step count,
+    so three steps replay the first three of the full run."""
+    record = json.loads((BENCH / "results" / "quality.json").read_text())["yardstick"]
+    assert record["command"].startswith("python bench/train_yardstick.py ")
+    settings = dict(record["config"])
+    cfg = ty.TrainConfig(**settings)
+    assert cfg == ty.parse_args(record["command"].split()[2:])[0]  # the command gives them
+    steps = 3
+    assert cfg.warmup_steps >= steps
+    replay = ty.train(ty.TrainConfig(**(settings | {"steps": steps, "eval_tokens": 256})),
+                      tmp_path / "ckpt")
+    if replay["train_sha256"] != record["train_sha256"]:
+        pytest.skip("another Python standard library: the corpus differs from the recorded one")
+    assert replay["losses"] == pytest.approx(record["first_losses"][:steps], rel=2e-4)
+    # and the losses move: the replay is not comparing a constant
+    assert replay["losses"][0] > replay["losses"][2]
