@@ -236,6 +236,7 @@ class LlamaRunner:
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.system_info = lib.llama_print_system_info().decode(errors="replace")
+        self.last_tokens: list[list[int]] = []
 
     def _decode(self, rows: list[list[int]], start: int) -> list[int]:
         """Append rows[i] to sequence i at positions start.. (every row the same length); each
@@ -276,9 +277,11 @@ class LlamaRunner:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         tokens = self._decode(prompts, 0)
         stamps = [time.perf_counter()]
+        self.last_tokens = [tokens]  # step -> each row's token (for tests)
         for step in range(1, new_tokens):
             tokens = self._decode([[t] for t in tokens], length + step - 1)
             stamps.append(time.perf_counter())
+            self.last_tokens.append(tokens)
         return Run(stamps[0] - start, stamps[-1] - stamps[0], len(prompts) * (len(stamps) - 1))
 
 
