@@ -191,10 +191,12 @@ def test_llama_worker_greedy_tokens_match_transformers(tmp_path: Path) -> None:
     import torch
 
     from gpt2_onnx.export.presets import build_random_model
+    from gpt2_onnx.export.tokenizer import save_tokenizer_files
 
     model = build_random_model("tiny", 0)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
+    save_tokenizer_files(ckpt, model.config.n_positions)  # the converter reads the vocabulary
     lc = llama_setup.default()
     gguf = llama_setup.convert(lc, ckpt, tmp_path / "gguf", ["llama-f32"])["llama-f32"]
     prompts = [[464, 3290, 318, 257, 1332], [1, 2, 3, 4, 5]]
