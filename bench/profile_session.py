@@ -5,13 +5,14 @@
         [--prompt-tokens 512] [--ort-profile DIR]
 
 Each setting runs in its own subprocess (peak RSS is per process): create the session through
-the runtime (TextGenerator.load) with the setting applied to its SessionOptions, then a greedy
-generation of 2 tokens from a `--prompt-tokens` prompt (time to first token) and of 16 tokens from
-an 8-token prompt (decode). Reports load seconds, RSS (VmRSS, VmHWM, and the file-backed share
-RssFile) after load and after the runs, TTFT and decode tok/s. With --ort-profile, onnxruntime's
-profiler (SessionOptions.enable_profiling) records the TTFT run and the time per operator type is
-summed (the top 8 are printed). A setting is `default`, `arena=0` (no CPU memory arena) or any
-`session.*` config entry `key=value` (onnxruntime_session_options_config_keys.h).
+the runtime (TextGenerator.load) with the setting applied to its SessionOptions, then the runs
+of --phases, greedy: ttft (2 tokens from a `--prompt-tokens` prompt), decode (16 tokens from an
+8-token prompt), batch (16 tokens for each of `--batch` 8-token prompts). Reports load seconds,
+RSS (VmRSS, VmHWM, and its anonymous and file-backed shares) after load and after the runs, and
+each run's figure. With --ort-profile, onnxruntime's profiler (SessionOptions.enable_profiling)
+records every run and the kernel time per operator type is summed (the top 8). A setting is
+`default`, `arena=0` (no CPU memory arena) or any `session.*` config entry `key=value`
+(onnxruntime_session_options_config_keys.h).
 
 A bench tool (needs only the runtime); the findings go to bench/results/profile-notes.md.
 """
@@ -48,9 +49,14 @@ def op_times(profile: Path, top: int = 8) -> list[tuple[str, float]]:
     return per_op.most_common(top)
 
 
+PHASES = ("ttft", "decode", "batch")
+
+
 def child(model_dir: str, precision: str, threads: int, setting: str, prompt_tokens: int,
-          ort_profile: str | None) -> dict[str, Any]:
-    """Load with `setting`, then the TTFT and decode runs; the figures."""
+          ort_profile: str | None, phases: tuple[str, ...] = PHASES, batch: int = 8
+          ) -> dict[str, Any]:
+    """Load with `setting`, then the runs of `phases` (ttft: a `prompt_tokens` prompt, 2 new
+    tokens; decode: 8-token prompt, 16 new; batch: `batch` such prompts); the figures."""
     import gpt2_onnx.runtime.session as session_mod
     from gpt2_onnx.runtime.bench import synthetic_prompt
     from gpt2_onnx.runtime.generator import TextGenerator
@@ -77,12 +83,21 @@ def child(model_dir: str, precision: str, threads: int, setting: str, prompt_tok
     vocab = gen.manifest.dims.vocab_size
     long = synthetic_prompt(prompt_tokens, vocab)
     gen.generate_ids([long[:4]], max_new_tokens=2, greedy=True)  # warm-up
-    ttft = gen.generate_ids([long], max_new_tokens=2, greedy=True)[0].timings.prefill_ms
-    r = gen.generate_ids([long[:8]], max_new_tokens=16, greedy=True)[0]
-    decode = (len(r.ids) - 1) / (r.timings.decode_ms / 1e3) if r.timings.decode_ms else None
-    out = {"setting": setting, "precision": precision, "load_s": load_s,
-           "after_load_mib": after_load, "after_runs_mib": memory(), "ttft_ms": ttft,
-           "decode_tok_s": decode}
+    out: dict[str, Any] = {"setting": setting, "precision": precision, "load_s": load_s,
+                           "after_load_mib": after_load}
+    if "ttft" in phases:
+        out["ttft_ms"] = gen.generate_ids([long], max_new_tokens=2,
+                                          greedy=True)[0].timings.prefill_ms
+    if "decode" in phases:
+        r = gen.generate_ids([long[:8]], max_new_tokens=16, greedy=True)[0]
+        out["decode_tok_s"] = (len(r.ids) - 1) / (r.timings.decode_ms / 1e3)
+    if "batch" in phases:
+        rows = [synthetic_prompt(8, vocab, seed=i) for i in range(batch)]
+        gen.generate_ids(rows, max_new_tokens=2, greedy=True)  # warm-up of this shape
+        rs = gen.generate_ids(rows, max_new_tokens=16, greedy=True)
+        out[f"batch{batch}_tok_s"] = sum(len(r.ids) - 1 for r in rs) / (
+            rs[0].timings.decode_ms / 1e3)
+    out["after_runs_mib"] = memory()
     if ort_profile:
         files = [s.end_profiling() for s in _sessions(gen)]
         out["ops_ms"] = [op for f in files if f for op in op_times(Path(f))]
@@ -115,20 +130,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--setting", action="append", help="default, arena=0 or session.KEY=VALUE "
                    "(repeatable; one subprocess each) [default]")
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--ort-profile", help="folder for onnxruntime profiles (TTFT run)")
+    p.add_argument("--ort-profile", help="folder for onnxruntime profiles (of every run)")
+    p.add_argument("--phases", default=",".join(PHASES), help="runs after the load, comma-"
+                   "separated: ttft, decode, batch [%(default)s]")
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     settings = a.setting or ["default"]
     if a.child:
-        sys.stdout.write(json.dumps(child(a.model_dir, a.precision, a.threads, settings[0],
-                                          a.prompt_tokens, a.ort_profile)) + "\n")
+        sys.stdout.write(json.dumps(child(
+            a.model_dir, a.precision, a.threads, settings[0], a.prompt_tokens, a.ort_profile,
+            tuple(a.phases.split(",")), a.batch)) + "\n")
         return 0
     if a.ort_profile:
         Path(a.ort_profile).mkdir(parents=True, exist_ok=True)
     for setting in settings:
         cmd = [sys.executable, __file__, a.model_dir, "--child", "--precision", a.precision,
                "--threads", str(a.threads), "--setting", setting,
-               "--prompt-tokens", str(a.prompt_tokens)]
+               "--prompt-tokens", str(a.prompt_tokens), "--phases", a.phases,
+               "--batch", str(a.batch)]
         if a.ort_profile:
             cmd += ["--ort-profile", a.ort_profile]
         proc = subprocess.run(cmd, capture_output=True, text=True)
