@@ -4,15 +4,15 @@
         [--systems ours,torch,optimum,ct2-float32,ct2-int8,llama] [--contexts 8,256,900] [--quick]
 
 Needs the export and bench extras. Every system runs the same random-init checkpoint (preset,
-seed): the transformers checkpoint, its CTranslate2 conversions (float32, int8), its llama.cpp
-GGUF files (F32, Q8_0, Q4_0, Q4_K_M; llama.cpp itself built once by bench/llama_setup.py) and,
-when no --model-dir is given, our export (fp32, int8, int4) are built once into --cache. Each
-measurement runs in a fresh subprocess (bench/peers.py), so load time and peak RSS are the
-system's own; by default the systems alternate within each round (a round = one context, then
-the 512-token time to first token, then the batch), the order rotating from round to round, so a
-slow spell of a shared machine does not land on one system only. --repeats N runs the whole
-schedule N times (the order rotated again each time): every figure is the median of its N
-subprocesses, shown with its spread (min-max).
+seed): the transformers checkpoint, its CTranslate2 conversions (float32, int8), its llama.cpp GGUF
+files (F32, Q8_0, Q4_0, Q4_K_M; llama.cpp itself built once by bench/llama_setup.py) and, when no
+--model-dir is given, our export (fp32, fp32-fused, int8, int4) are built once into --cache. Each
+measurement runs in a fresh subprocess (bench/peers.py), so load time and peak RSS are the system's
+own; by default the systems alternate within each round (a round = one context, then the 512-token
+time to first token, then the batch), the order rotating from round to round, so a slow spell of a
+shared machine does not land on one system only. --repeats N runs the whole schedule N times (the
+order rotated again each time): every figure is the median of its N subprocesses, shown with its
+spread (min-max).
 
 The memory-bandwidth ceiling is measured in the same run, before and after the rounds, by several
 probes on the same threads (numpy's float32 gemv, onnxruntime's own float32 MatMul gemv, a plain
@@ -49,7 +49,7 @@ PEERS_SCRIPT = HERE / "peers.py"
 PEERS = ("torch", "optimum", "ct2-float32", "ct2-int8")
 LLAMA_SYSTEMS = ("llama-f32", "llama-q8_0", "llama-q4_0", "llama-q4_k_m")  # llama_setup.SYSTEMS
 DEFAULT_SYSTEMS = ("ours", *PEERS, "llama")
-OUR_PRECISIONS = ("fp32", "int8", "int4")
+OUR_PRECISIONS = ("fp32", "fp32-fused", "int8", "int4")  # issue 16 goals need fp32-fused
 PROBES = ("gemv", "ort-gemv", "stream")  # bandwidth probes (bench/peers.py)
 WORKER_TIMEOUT_S = 3600
 KV_BYTES = 4  # the KV cache in float32 (ours, PyTorch, optimum, CTranslate2)
