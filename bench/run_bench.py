@@ -476,6 +476,7 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         "systems": systems, "bandwidth": {"probes": []}, "workers": [],
     }
     env = worker_env(cfg.threads)
+    doc["machine"]["loadavg_start"] = list(os.getloadavg())  # quiet machine: ~0 here
     with tempfile.TemporaryDirectory(prefix="gpt2-onnx-bench-") as tmp_name:
         tmp = Path(tmp_name)
         doc["bandwidth"]["probes"] += measure_bandwidth(cfg, "before", tmp, env, log)
@@ -496,6 +497,7 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
             doc["workers"].append(answer)
             write_json(doc, cfg.out)
         doc["bandwidth"]["probes"] += measure_bandwidth(cfg, "after", tmp, env, log)
+    doc["machine"]["loadavg_end"] = list(os.getloadavg())
     per_step = {s: weight_bytes_read(cfg, manifest, s) for s in systems}
     files = {}
     for s in systems:
@@ -790,6 +792,18 @@ def cell(s: Stat | None, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
     return text
 
 
+def _loadavg(m: dict[str, Any]) -> str:
+    """The machine's load average (1/5/15 min) before and after the run: a run that starts
+    above ~0.5 on a 2-core machine shared it with something else (llama.cpp's spinning threads
+    collapse then; profile-notes.md)."""
+    if "loadavg_start" not in m:
+        return ""
+    fmt = "/".join(["{:.1f}"] * 3)
+    end = m.get("loadavg_end")
+    return (f" Load average (1/5/15 min) before the run {fmt.format(*m['loadavg_start'])}"
+            + (f", after {fmt.format(*end)}" if end else "") + ".")
+
+
 def _bandwidth_lines(doc: dict[str, Any]) -> list[str]:
     bw, gb = doc["bandwidth"], 1e9
     probes = ", ".join(
@@ -829,7 +843,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{dims['n_positions']} positions. Batch 1, greedy, {cfg['new_tokens']} new tokens per "
         "decode figure (prefill excluded).",
         f"- Every figure: the median of {cfg['repeats']} subprocess(es), spread (min–max) in "
-        "brackets.",
+        "brackets." + _loadavg(m),
         *_bandwidth_lines(doc),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
         *_llama_line(doc),

@@ -137,7 +137,8 @@ def test_markdown_and_chart_from_a_summarized_run(tmp_path: Path) -> None:
     doc["goals"] = run_bench.goals_issue16(doc["summary"])
     doc.update(
         machine={"cpu": "cpu", "isa": [], "physical_cores": 2, "logical_cpus": 2,
-                 "memory_bytes": 1e10},
+                 "memory_bytes": 1e10, "loadavg_start": [0.04, 0.2, 1.0],
+                 "loadavg_end": [2.0, 1.9, 1.5]},
         config={"threads": 2, "new_tokens": 32, "repeats": 3, "gemv_mib": 1024,
                 "prompt_tokens": 512, "batch": 8, "alternate": True},
         model={"source": {"preset": "p", "seed": 0},
@@ -146,6 +147,7 @@ def test_markdown_and_chart_from_a_summarized_run(tmp_path: Path) -> None:
     doc = json.loads(json.dumps(doc))  # as bench.json holds it: context keys are strings
     md = run_bench.markdown(doc)
     assert "| ours:int4 | 1024 | 11.00 (10.00–12.00) |" in md
+    assert "before the run 0.0/0.2/1.0, after 2.0/1.9/1.5." in md
     assert "| ours:int4 decode @8: first against llama-q4_0 | 0.846 x | llama-q4_0 |" in md
     assert "set by ours:int4 decode at context 8" not in md  # llama-q4_0 13 tok/s set it
     assert "set by llama-q4_0 decode at context 8" in md
