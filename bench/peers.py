@@ -18,7 +18,7 @@ Systems:
   ct2-int8          the same, quantization int8
   genai:<precision> onnxruntime-genai's C++ loop over the same graph as ours:<precision> (its
                     genai_config.json in a directory of hard links; run_bench.py prepares it)
-  llama-<type>      llama.cpp (bench/llama_cpp.py builds it) through its ctypes bindings, one
+  llama-<type>      llama.cpp (bench/llama_setup.py builds it) through its ctypes bindings, one
                     GGUF file per weight type: llama-f32, llama-q8_0, llama-q4_0, llama-q4_k_m
 
 Bandwidth probes (run_bench.py's ceiling; one per subprocess, each on the task's threads):
@@ -197,7 +197,7 @@ class GenaiRunner:
 
 def import_llama_cpp(python_dir: str, lib_dir: str) -> Any:
     """llama-cpp-python's bindings from the unpacked sdist, loading libllama.so from the
-    benchmark's own build (bench/llama_cpp.py): no second compile, no pip install."""
+    benchmark's own build (bench/llama_setup.py): no second compile, no pip install."""
     import os
 
     os.environ["LLAMA_CPP_LIB_PATH"] = lib_dir  # read once, when the bindings are imported
