@@ -86,6 +86,7 @@ class Config:
     repeats: int = 3  # rounds: every figure is the median of this many subprocesses
     alternate: bool = True
     gemv_mib: int = 1024  # each bandwidth probe reads this many MiB
+    build_llama: bool = True  # False: llama systems run only if llama.cpp is already built
 
     @property
     def cache_dir(self) -> Path:
@@ -109,7 +110,7 @@ class Config:
 # --quick writes beside the cache, not over the committed results (bench/results/quick holds a
 # reference run; pass --out bench/results/quick to refresh it).
 QUICK = dict(preset="tiny", new_tokens=16, prompt_tokens=128, alternate=False, gemv_mib=512,
-             repeats=1, out=Config.cache / "quick-results")
+             repeats=1, build_llama=False, out=Config.cache / "quick-results")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -325,6 +326,9 @@ def prepare_llama(cfg: Config, systems: list[str], log: Callable[[str], None]
     import llama_setup
 
     wanted = [s for s in systems if s in LLAMA_SYSTEMS]
+    if not cfg.build_llama and not llama_setup.default().is_built():
+        raise RuntimeError("llama.cpp is not built and --quick does not build it (minutes); "
+                           "run `python bench/llama_setup.py build` once")
     lc = llama_setup.ensure_built(log=log)
     ggufs = llama_setup.convert(lc, cfg.checkpoint, llama_dir(cfg), wanted, log=log)
     return {**lc.worker_paths(), "ggufs": {s: str(p) for s, p in ggufs.items()},
@@ -933,7 +937,8 @@ def parse_args(argv: list[str]) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="tiny preset, short contexts, one subprocess per system (~1-3 min)")
+                   help="tiny preset, short contexts, one subprocess per system, llama.cpp "
+                        "only if already built (~1-3 min)")
     p.add_argument("--preset", help="random-init preset [gpt2-large; tiny with --quick]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", type=Path, help="our export of the same preset and seed "
