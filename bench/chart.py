@@ -1,4 +1,5 @@
-"""bench.png: decode tokens/s per system and context, with each system's bandwidth ceiling.
+"""bench.png: decode tokens/s per system and context (the median, a whisker over the spread
+min-max of the repetitions), with each system's bandwidth ceiling.
 
     python bench/chart.py bench/results/bench.json [bench/results/bench.png]
 """
@@ -11,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 
-def _by_context(figures: dict[Any, float]) -> dict[int, float]:
+def _by_context(figures: dict[Any, Any]) -> dict[int, Any]:
     """JSON turns int keys into strings; both are accepted."""
     return {int(k): v for k, v in figures.items()}
+
+
+def _stat(v: Any) -> tuple[float, float, float]:
+    """(median, min, max) of a figure: a Stat dict, or a bare number (older bench.json)."""
+    if isinstance(v, dict):
+        return v["median"], v["min"], v["max"]
+    return float(v), float(v), float(v)
 
 
 def plot(doc: dict[str, Any], out: Path) -> Path:
@@ -32,8 +40,11 @@ def plot(doc: dict[str, Any], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(7.0, 1.4 * len(contexts) * len(systems) / 3), 4.5))
     for i, system in enumerate(systems):
         xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(contexts))]
-        ys = [decode[system].get(c, 0.0) for c in contexts]
-        bars = ax.bar(xs, ys, width, label=system)
+        stats = [_stat(decode[system].get(c, 0.0)) for c in contexts]
+        ys = [m for m, _, _ in stats]
+        spread = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
+        bars = ax.bar(xs, ys, width, label=system, yerr=spread, capsize=2,
+                      error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
         for x, c in zip(xs, contexts, strict=True):
             if c in ceiling[system]:
                 ax.hlines(ceiling[system][c], x - width / 2, x + width / 2, colors="black",
@@ -43,7 +54,9 @@ def plot(doc: dict[str, Any], out: Path) -> Path:
     ax.set_ylabel("decode tokens/s (batch 1, greedy)")
     m, src = doc["machine"], doc["model"]["source"]
     ax.set_title(f"random-init {src.get('preset')} — {m['cpu']}, "
-                 f"{doc['config']['threads']} threads; black tick = bandwidth ceiling",
+                 f"{doc['config']['threads']} threads; median of "
+                 f"{doc['config'].get('repeats', 1)}, whisker = min-max; black tick = "
+                 "bandwidth ceiling",
                  fontsize=9)
     ax.legend(fontsize=8, ncols=min(len(systems), 4), loc="upper center",
               bbox_to_anchor=(0.5, -0.1))  # below the axes: never over a bar or a tick

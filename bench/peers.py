@@ -18,18 +18,31 @@ Systems:
   ct2-int8          the same, quantization int8
   genai:<precision> onnxruntime-genai's C++ loop over the same graph as ours:<precision> (its
                     genai_config.json in a directory of hard links; run_bench.py prepares it)
+  llama-<type>      llama.cpp (bench/llama_setup.py builds it) through its ctypes bindings, one
+                    GGUF file per weight type: llama-f32, llama-q8_0, llama-q4_0, llama-q4_k_m
+
+Bandwidth probes (run_bench.py's ceiling; one per subprocess, each on the task's threads):
+  gemv              numpy's float32 gemv (its BLAS)
+  ort-gemv          onnxruntime's own float32 MatMul gemv: a one-node graph, weight as initializer
+  stream            a plain streaming read: `threads` Python threads each reduce their share
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 PEERS = ("torch", "optimum", "ct2-float32", "ct2-int8")
+LLAMA_SYSTEMS = ("llama-f32", "llama-q8_0", "llama-q4_0", "llama-q4_k_m")
+PROBES = ("gemv", "ort-gemv", "stream")
 WARMUP_PROMPT = [464, 3290, 318, 257]  # 4 ids; any ids below EOS do
 WARMUP_TOKENS = 2
 
@@ -182,6 +195,96 @@ class GenaiRunner:
         return Run(stamps[0] - start, stamps[-1] - stamps[0], len(prompts) * (len(stamps) - 1))
 
 
+def import_llama_cpp(python_dir: str, lib_dir: str) -> Any:
+    """llama-cpp-python's bindings from the unpacked sdist, loading libllama.so from the
+    benchmark's own build (bench/llama_setup.py): no second compile, no pip install."""
+    import os
+
+    os.environ["LLAMA_CPP_LIB_PATH"] = lib_dir  # read once, when the bindings are imported
+    if python_dir not in sys.path:
+        sys.path.insert(0, python_dir)
+    import llama_cpp
+
+    return llama_cpp
+
+
+class LlamaRunner:
+    """llama.cpp through its C API (llama-cpp-python's ctypes bindings): every row one sequence
+    of a unified KV cache, prompts decoded in one llama_decode (logits at each row's last token
+    only), then one token per row per llama_decode, greedy = argmax of each row's logits."""
+
+    def __init__(self, gguf: str, threads: int, llama: dict[str, str], max_rows: int) -> None:
+        import numpy as np
+
+        self.np = np
+        lib = self.lib = import_llama_cpp(llama["python_dir"], llama["lib_dir"])
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(gguf.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = 0  # 0: the model's own context (n_positions)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.n_seq_max = max_rows
+        cparams.kv_unified = True  # one cache of n_ctx cells, any row may use all of it
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {gguf}")
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self.n_batch = lib.llama_n_batch(self.ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.system_info = lib.llama_print_system_info().decode(errors="replace")
+        self.last_tokens: list[list[int]] = []
+
+    def _decode(self, rows: list[list[int]], start: int) -> list[int]:
+        """Append rows[i] to sequence i at positions start.. (every row the same length); each
+        row's next token (argmax). Split into calls of at most n_batch tokens, rows kept whole
+        where they fit."""
+        lib, b, n = self.lib, self.batch, len(rows[0])
+        nexts: list[int] = []
+        per_call = max(1, self.n_batch // n)  # rows per call
+        for first in range(0, len(rows), per_call):
+            group = rows[first:first + per_call]
+            for lo in range(0, n, self.n_batch):  # a row longer than n_batch: in pieces
+                hi = min(n, lo + self.n_batch)
+                k = 0
+                for r, row in enumerate(group):
+                    for j in range(lo, hi):
+                        b.token[k] = row[j]
+                        b.pos[k] = start + j
+                        b.n_seq_id[k] = 1
+                        b.seq_id[k][0] = first + r
+                        b.logits[k] = j == n - 1
+                        k += 1
+                b.n_tokens = k
+                rc = lib.llama_decode(self.ctx, b)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+            width = hi - lo  # tokens per row in the last call
+            for r in range(len(group)):
+                ptr = lib.llama_get_logits_ith(self.ctx, r * width + width - 1)
+                logits = self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))  # [vocab]
+                nexts.append(int(logits.argmax()))
+        return nexts
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Run:
+        length = len(prompts[0])
+        if length + new_tokens > self.n_ctx:
+            raise ValueError(f"context {length} + {new_tokens} new tokens > n_ctx {self.n_ctx}")
+        start = time.perf_counter()
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        tokens = self._decode(prompts, 0)
+        stamps = [time.perf_counter()]
+        self.last_tokens = [tokens]  # step -> each row's token (for tests)
+        for step in range(1, new_tokens):
+            tokens = self._decode([[t] for t in tokens], length + step - 1)
+            stamps.append(time.perf_counter())
+            self.last_tokens.append(tokens)
+        return Run(stamps[0] - start, stamps[-1] - stamps[0], len(prompts) * (len(stamps) - 1))
+
+
 def make_runner(task: dict[str, Any]) -> Runner:
     """The runner of task["system"], loaded from the task's paths."""
     system, threads = task["system"], task["threads"]
@@ -196,11 +299,14 @@ def make_runner(task: dict[str, Any]) -> Runner:
     if system in ("ct2-float32", "ct2-int8"):
         return CT2Runner(task["ct2_dirs"][system], threads,
                          str(Path(task["checkpoint"]) / "vocab.json"))
+    if system in LLAMA_SYSTEMS:
+        rows = max(len(p["prompts"]) for p in task["phases"]) if task["phases"] else 1
+        return LlamaRunner(task["llama"]["ggufs"][system], threads, task["llama"], rows)
     raise ValueError(f"unknown system {system!r}; choose ours:<precision>, genai:<precision> "
-                     f"or one of {PEERS}")
+                     f"or one of {PEERS + LLAMA_SYSTEMS}")
 
 
-def import_system(system: str) -> None:
+def import_system(system: str, task_llama: dict[str, str] | None = None) -> None:
     """Import the system's packages before the load timer starts (imports are not load)."""
     if system.startswith("ours:"):
         import gpt2_onnx.runtime.generator  # noqa: F401
@@ -213,6 +319,8 @@ def import_system(system: str) -> None:
         import ctranslate2  # noqa: F401
     elif system.startswith("genai:"):
         import onnxruntime_genai  # noqa: F401
+    elif system in LLAMA_SYSTEMS:
+        import_llama_cpp(task_llama["python_dir"], task_llama["lib_dir"])
 
 
 # --------------------------------------------------------------------------- phases
@@ -257,14 +365,17 @@ def peak_rss() -> int:
 def work(task: dict[str, Any]) -> dict[str, Any]:
     """Import, load (timed), warm up, run every phase; the worker's JSON answer."""
     t0 = time.perf_counter()
-    import_system(task["system"])
+    import_system(task["system"], task.get("llama"))
     t1 = time.perf_counter()
     runner = make_runner(task)
     load_s = time.perf_counter() - t1
     runner.run([WARMUP_PROMPT], WARMUP_TOKENS)
     phases = [run_phase(runner, phase) for phase in task["phases"]]
-    return {"system": task["system"], "import_s": t1 - t0, "load_s": load_s,
-            "peak_rss": peak_rss(), "phases": phases}
+    answer = {"system": task["system"], "import_s": t1 - t0, "load_s": load_s,
+              "peak_rss": peak_rss(), "phases": phases}
+    if isinstance(runner, LlamaRunner):
+        answer["system_info"] = runner.system_info  # the CPU features llama.cpp was built with
+    return answer
 
 
 def gemv_bandwidth(mib: int, runs: int = 10) -> dict[str, Any]:
@@ -286,12 +397,89 @@ def gemv_bandwidth(mib: int, runs: int = 10) -> dict[str, Any]:
             "bytes_per_s": a.nbytes / min(times), "times_s": times}
 
 
+def _best_of(fn: Callable[[], Any], nbytes: int, runs: int) -> dict[str, Any]:
+    fn()  # warm-up: threads started, pages resident
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"matrix_bytes": nbytes, "best_s": min(times), "bytes_per_s": nbytes / min(times),
+            "times_s": times}
+
+
+def ort_gemv_bandwidth(mib: int, threads: int, tmp_dir: str, runs: int = 10) -> dict[str, Any]:
+    """Memory bandwidth as onnxruntime's own float32 MatMul reads it: y = x @ W, a one-node
+    graph whose weight W ([n, n], `mib` MiB) is an initializer in an external data file, as in
+    our graphs (so onnxruntime prepacks it); on `threads` intra-op threads."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = int((mib * 2**20 / 4) ** 0.5)
+    folder = Path(tempfile.mkdtemp(prefix="ort-gemv-", dir=tmp_dir))
+    try:
+        np.full((n, n), 0.5, dtype=np.float32).tofile(folder / "w.bin")  # [n, n]
+        init = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[n, n])
+        init.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(4 * n * n))):
+            init.external_data.add(key=key, value=value)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"])], "gemv",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializer=[init])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.save(model, str(folder / "gemv.onnx"))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(folder / "gemv.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        x = np.ones((1, n), dtype=np.float32)  # [1, n]
+        out = _best_of(lambda: session.run(None, {"x": x}), 4 * n * n, runs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"system": "ort-gemv", **out}
+
+
+def stream_bandwidth(mib: int, threads: int, runs: int = 10) -> dict[str, Any]:
+    """A plain streaming read: `threads` Python threads each take the max of their share of a
+    `mib` MiB float32 array (numpy drops the GIL inside the reduction; no arithmetic to speak
+    of, so the read is the cost)."""
+    import numpy as np
+
+    a = np.full(mib * 2**20 // 4, 0.5, dtype=np.float32)  # written: every page resident
+    parts = np.array_split(a, threads)
+
+    def read() -> None:
+        workers = [threading.Thread(target=np.max, args=(p,)) for p in parts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    return {"system": "stream", **_best_of(read, a.nbytes, runs)}
+
+
+def probe(task: dict[str, Any]) -> dict[str, Any]:
+    """One bandwidth probe (task["system"] in PROBES) on task["threads"] threads."""
+    kind, mib, threads = task["system"], task["mib"], task.get("threads", 1)
+    if kind == "gemv":
+        return gemv_bandwidth(mib)
+    if kind == "ort-gemv":
+        return ort_gemv_bandwidth(mib, threads, task.get("tmp_dir") or tempfile.gettempdir())
+    if kind == "stream":
+        return stream_bandwidth(mib, threads)
+    raise ValueError(f"unknown probe {kind!r}; choose one of {PROBES}")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python bench/peers.py TASK.json\n")
         return 2
     task = json.loads(Path(argv[0]).read_text())
-    answer = gemv_bandwidth(task["mib"]) if task["system"] == "gemv" else work(task)
+    answer = probe(task) if task["system"] in PROBES else work(task)
     sys.stdout.write(json.dumps(answer) + "\n")
     return 0
 
