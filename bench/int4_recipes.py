@@ -79,8 +79,8 @@ class RecipeResult:
     decisive_share: float
     perplexity: float
     ppl_change: float
-    decode_tok_s_short: float
-    decode_tok_s_long: float
+    decode_tok_s_short: float | None  # None: speed not measured (--speed-recipes)
+    decode_tok_s_long: float | None
     build_s: float
 
 
@@ -195,8 +195,10 @@ def run(args: argparse.Namespace) -> dict:
             decoder = SharedKVDecoder(session, dims, variant)
             figures = compare(ref, onnx_logits(decoder, chunks), chunks, margin)
             ppl_ref = figures.pop("ppl_ref")
-            short = decode_rate(decoder, 8, args.steps, args.repeats)
-            long = decode_rate(decoder, long_ctx, args.steps, args.repeats)
+            short = long = None
+            if args.speed_recipes is None or name in args.speed_recipes.split(","):
+                short = decode_rate(decoder, 8, args.steps, args.repeats)
+                long = decode_rate(decoder, long_ctx, args.steps, args.repeats)
             del decoder, session
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -213,6 +215,10 @@ def run(args: argparse.Namespace) -> dict:
         "machine": platform.processor() or platform.machine(),
         "recipes": [asdict(r) for r in results],
     }
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def table(out: Path) -> str:
@@ -234,8 +240,8 @@ def table(out: Path) -> str:
             lines.append(
                 f"| {name} | {r['size_mb']:.1f} | {r['mean_kl']:.2e} | {r['max_kl']:.2e} | "
                 f"{r['max_abs']:.3f} | {r['top1']:.4f} | {dec} ({r['decisive_share']:.0%}) | "
-                f"{r['ppl_change']:+.3%} | {r['decode_tok_s_short']:.1f} | "
-                f"{r['decode_tok_s_long']:.1f} |")
+                f"{r['ppl_change']:+.3%} | {_rate(r['decode_tok_s_short'])} | "
+                f"{_rate(r['decode_tok_s_long'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps per speed run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-recipes", default=None,
+                    help="time decode only for these (comma-separated) [every recipe]")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="only rewrite OUT/int4_recipes.md")
     args = ap.parse_args(argv)

@@ -87,6 +87,8 @@ class Config:
     alternate: bool = True
     gemv_mib: int = 1024  # each bandwidth probe reads this many MiB
     build_llama: bool = True  # False: llama systems run only if llama.cpp is already built
+    prepare_only: bool = False  # stop after the (cached) checkpoint, conversions and exports
+    verify_report: Path | None = None  # a `gpt2-onnx verify --report` of the model directory
 
     @property
     def cache_dir(self) -> Path:
@@ -439,6 +441,17 @@ BENCH_VERSIONS = ("gpt2-onnx", "onnxruntime", "numpy", "torch", "transformers", 
                   "optimum-onnx", "ctranslate2")  # recorded with the results
 
 
+def verify_of(cfg: Config, recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The verify result the table reports: --verify-report's (a directory exported with
+    --no-verify and verified apart), else the manifest's."""
+    if cfg.verify_report is None:
+        return recorded
+    report = json.loads(Path(cfg.verify_report).read_text())
+    if not isinstance(report.get("checks"), list) or "passed" not in report:
+        raise ValueError(f"--verify-report {cfg.verify_report}: not a gpt2-onnx verify report")
+    return {**report, "source": str(cfg.verify_report)}
+
+
 def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Prepare, measure every system, derive ceilings and goals; the document bench.json holds."""
     from gpt2_onnx.runtime.manifest import package_versions
@@ -463,6 +476,8 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
             notes.append(f"llama.cpp systems skipped ({', '.join(dropped)}): {exc}")
             log("  " + notes[-1])
             systems = [s for s in systems if s not in LLAMA_SYSTEMS]
+    if cfg.prepare_only:
+        return {"prepared": str(cfg.cache_dir), "systems": systems, "notes": notes}
     measurements = phases(cfg, manifest.dims)
     paths = {"model_dir": str(cfg.our_dir), "checkpoint": str(cfg.checkpoint),
              "optimum_dir": str(optimum_dir(cfg)) if "optimum" in systems else "",
@@ -475,7 +490,7 @@ def run(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         "versions": package_versions(BENCH_VERSIONS, missing="not installed"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "model": {"name": manifest.name, "source": manifest.source, "dims": asdict(manifest.dims),
-                  "verify": manifest.verify},
+                  "verify": verify_of(cfg, manifest.verify)},
         "llama_cpp": llama.get("build"), "notes": notes,
         "systems": systems, "bandwidth": {"probes": []}, "workers": [],
     }
@@ -859,6 +874,8 @@ def markdown(doc: dict[str, Any]) -> str:
           "| peak RSS (MiB) |",
         "|---" * (6 + len(contexts)) + "|---|",
     ]
+    verify = doc["model"].get("verify") or {}
+    failed_verify = {c.get("variant") for c in verify.get("checks", []) if c.get("passed") is False}
     for system, s in summary.items():
         decode, ceiling = _by_context(s["decode"]), _by_context(s["ceiling"])
         rates = [cell(decode.get(c)) for c in contexts]
@@ -867,6 +884,8 @@ def markdown(doc: dict[str, Any]) -> str:
             d, ceil = med(decode.get(c)), ceiling.get(c)
             shares.append(_f(100 * d / ceil if d and ceil else None, "{:.0f}"))
         name = system + (" ⚠ " + "; ".join(s["errors"])[:80] if s["errors"] else "")
+        if system.startswith("ours:") and system.split(":", 1)[1] in failed_verify:
+            name += " (fails verify)"
         lines.append(
             f"| {name} | {s['weight_bytes_read'] / mib:.0f} | " + " | ".join(rates)
             + f" | {' / '.join(shares)} | {cell(s['ttft_ms'], '{:.0f}')} | "
@@ -907,10 +926,10 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{g['target']} {g['unit']} | {met5} |")
     verify = doc["model"].get("verify")
     if verify:
-        lines += ["", "Verify (from the manifest): " + ("passed" if verify.get("passed")
-                                                        else "FAILED") + "; " + "; ".join(
-            f"{c.get('variant')} {c.get('check')} {c.get('figure')}"
-            for c in verify.get("checks", []))]
+        verdict = "passed" if verify.get("passed") else "FAILED"
+        lines += ["", f"Verify (from {verify.get('source', 'the manifest')}): {verdict}; "
+                  + "; ".join(f"{c.get('variant')} {c.get('check')} {c.get('figure')}"
+                              for c in verify.get("checks", []))]
     else:
         lines += ["", "Verify: not recorded in the model directory's manifest (export with "
                       "verify to report top-1 agreement and KL per variant)."]
@@ -966,9 +985,15 @@ def parse_args(argv: list[str]) -> Config:
                    help="one subprocess per system and round [on; off with --quick]")
     p.add_argument("--gemv-mib", type=int, help="MiB each bandwidth probe reads "
                    "[1024; 512 with --quick]")
+    p.add_argument("--verify-report", type=Path,
+                   help="mark the table from this `gpt2-onnx verify --report` JSON [the "
+                        "manifest's verify summary]")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only build what the run needs (checkpoint, conversions, llama.cpp, "
+                        "GGUF files; all cached), untimed: do it while the machine is busy")
     a = p.parse_args(argv)
     base = {**asdict(Config()), **(QUICK if a.quick else {})}
-    chosen = dict(
+    chosen = dict(prepare_only=a.prepare_only or None, verify_report=a.verify_report,
         preset=a.preset, seed=a.seed, model_dir=a.model_dir, cache=a.cache, out=a.out,
         threads=a.threads, batch=a.batch, batch_context=a.batch_context, repeats=a.repeats,
         systems=tuple(s.strip() for s in a.systems.split(",") if s.strip()),
@@ -995,6 +1020,9 @@ def main(argv: list[str]) -> int:
         sys.stderr.flush()
 
     doc = run(cfg, log)
+    if cfg.prepare_only:
+        log(f"prepared {doc['prepared']} for {', '.join(doc['systems'])}")
+        return 0
     write_json(doc, cfg.out)
     (cfg.out / "bench.md").write_text(markdown(doc))
     from chart import plot

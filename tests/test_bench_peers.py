@@ -152,6 +152,19 @@ def test_markdown_and_chart_from_a_summarized_run(tmp_path: Path) -> None:
     assert "set by ours:int4 decode at context 8" not in md  # llama-q4_0 13 tok/s set it
     assert "set by llama-q4_0 decode at context 8" in md
     assert plot(doc, tmp_path / "bench.png").stat().st_size > 0
+    # a variant that failed verify (here from a `gpt2-onnx verify --report` file) is marked in
+    # the table, and the note says where the verdict came from
+    report = tmp_path / "verify.json"
+    report.write_text(json.dumps({"passed": False, "checks": [
+        {"variant": "int4", "check": "logits-decode", "figure": "KL 0.02", "passed": False}]}))
+    doc["model"]["verify"] = run_bench.verify_of(
+        SimpleNamespace(verify_report=report), None)
+    md = run_bench.markdown(doc)
+    assert "| ours:int4 (fails verify) | 1024 |" in md
+    assert f"Verify (from {report}): FAILED; int4 logits-decode KL 0.02" in md
+    report.write_text("{}")
+    with pytest.raises(ValueError, match="not a gpt2-onnx verify report"):
+        run_bench.verify_of(SimpleNamespace(verify_report=report), None)
 
 
 def test_llama_group_expands_and_schedules_rotate_between_repetitions() -> None:
