@@ -54,6 +54,8 @@ def export(
 
     precisions = (pipeline.DEFAULT_PRECISIONS if precision is None else
                   tuple(p.strip() for p in precision.split(",") if p.strip()))
+    if precisions and "fp32" not in precisions:  # "fp32 (always)": `--precision int4` adds it
+        precisions = ("fp32", *precisions)
     opts = pipeline.ExportOptions(
         source=source, out=out, random_init=random_init, seed=seed, force=force,
         precisions=precisions, verify=verify, genai_variant=genai_variant)
