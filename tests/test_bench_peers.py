@@ -162,6 +162,11 @@ def test_markdown_and_chart_from_a_summarized_run(tmp_path: Path) -> None:
     md = run_bench.markdown(doc)
     assert "| ours:int4 (fails verify) | 1024 |" in md
     assert f"Verify (from {report}): FAILED; int4 logits-decode KL 0.02" in md
+    # a check that does not apply to an inexact variant ("not run") is no failure
+    assert run_bench.failed_variants({"checks": [
+        {"variant": "int4", "check": "top-k-sampling", "status": "not run", "passed": False},
+        {"variant": "int8", "check": "logits-decode", "status": "fail", "passed": False}]}) \
+        == {"int8"}
     report.write_text("{}")
     with pytest.raises(ValueError, match="not a gpt2-onnx verify report"):
         run_bench.verify_of(SimpleNamespace(verify_report=report), None)
