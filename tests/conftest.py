@@ -6,6 +6,11 @@ a non-standard local checkpoint (5 layers, 4 heads, width 128, 512 positions).
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +92,37 @@ def odd_reference(odd_checkpoint: Path):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(odd_checkpoint).eval()
+
+
+def interrupt_streamed_generate(launcher: list[str], model_dir: Path, text: str, sig: int,
+                                code: int, prompt: str = "Paris will", n_new: int = 200,
+                                n_prompts: int = 400) -> None:
+    """Run `generate` of `n_prompts` copies of `prompt` (greedy; `text` is what one gives alone),
+    send `sig` once output has streamed, and check the exit code, a one-line report, and that
+    the output holds the finished prompts whole, then the interrupted one's text so far."""
+    proc = subprocess.Popen([*launcher, "generate", str(model_dir), *[prompt] * n_prompts,
+                             "--max-new-tokens", str(n_new), "--greedy", "--threads", "1",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no output within 60 s"
+        first = os.read(proc.stdout.fileno(), 1 << 16)  # something has been streamed
+        time.sleep(0.3)
+        proc.send_signal(signal.Signals(sig))
+        rest, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (first + rest).decode("utf-8"), stderr.decode("utf-8")
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err
+    block = prompt + text + "\n"
+    done = 0
+    while out.startswith(block):
+        out = out[len(block):]
+        done += 1
+    assert done < n_prompts, "the run finished before the signal; make it longer"
+    if out:  # the interrupted prompt: its text so far, flushed, then a newline
+        assert out.endswith("\n") and out.startswith(prompt), out[:200]
+        assert text.startswith(out[len(prompt):-1]), out[:200]

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interrupt_streamed_generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -580,31 +580,5 @@ def test_sigint_while_importing_exits_130(tiny_dir: Path) -> None:
 
 def test_sigterm_during_generate_exits_143_with_the_partial_output(gen: TextGenerator,
                                                                    tiny_dir: Path) -> None:
-    prompt, n_new, n_prompts = "Paris will", 200, 400
-    text = gen.generate(prompt, max_new_tokens=n_new, greedy=True).text
-    proc = subprocess.Popen([*EXE, "generate", str(tiny_dir), *[prompt] * n_prompts,
-                             "--max-new-tokens", str(n_new), "--greedy", "--threads", "1",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "no output within 60 s"
-        first = os.read(proc.stdout.fileno(), 1 << 16)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        rest, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out, err = (first + rest).decode("utf-8"), stderr.decode("utf-8")
-    assert proc.returncode == 143, err
-    assert "interrupted" in err and "Traceback" not in err
-    block = prompt + text + "\n"
-    done = 0
-    while out.startswith(block):
-        out = out[len(block):]
-        done += 1
-    assert done < n_prompts, "the run finished before the signal; make it longer"
-    if out:  # the interrupted prompt: its text so far, flushed, then a newline
-        assert out.endswith("\n") and out.startswith(prompt), out[:200]
-        assert text.startswith(out[len(prompt):-1]), out[:200]
+    text = gen.generate("Paris will", max_new_tokens=200, greedy=True).text
+    interrupt_streamed_generate(EXE, tiny_dir, text, signal.SIGTERM, 143)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
-import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interrupt_streamed_generate
 
 from gpt2_onnx.runtime.generator import TextGenerator
 
@@ -159,32 +158,5 @@ def test_prompt_of_exactly_n_positions(gen: TextGenerator) -> None:
 
 def test_ctrl_c_during_generate_keeps_the_streamed_text(gen: TextGenerator,
                                                         tiny_dir: Path) -> None:
-    prompt, n_new, n_prompts = "Paris will", 200, 400
-    text = gen.generate(prompt, max_new_tokens=n_new, greedy=True).text
-    cmd = [sys.executable, "-c", CLI, "generate", str(tiny_dir), *[prompt] * n_prompts,
-           "--max-new-tokens", str(n_new), "--greedy", "--threads", "1", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "no output within 60 s"
-        first = os.read(proc.stdout.fileno(), 1 << 16)  # something has been streamed
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out, err = (first + rest).decode("utf-8"), stderr.decode("utf-8")
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    block = prompt + text + "\n"
-    done = 0
-    while out.startswith(block):
-        out = out[len(block):]
-        done += 1
-    assert done < n_prompts, "the run finished before the interrupt; make it longer"
-    # What is left is the interrupted prompt: its text so far, then a newline.
-    if out:
-        assert out.endswith("\n") and out.startswith(prompt), out[:200]
-        assert text.startswith(out[len(prompt):-1]), out[:200]
+    text = gen.generate("Paris will", max_new_tokens=200, greedy=True).text
+    interrupt_streamed_generate([sys.executable, "-c", CLI], tiny_dir, text, signal.SIGINT, 130)
