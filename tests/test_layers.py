@@ -8,8 +8,9 @@ import ast
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"runtime": 0, "export": 1, "serve": 2, "cli": 3}

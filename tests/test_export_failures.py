@@ -1,5 +1,5 @@
-"""Hardening: an interrupted or failing export leaves nothing loadable, no temporary litter, and
-an existing output (being replaced with --force) intact.
+"""Export failures: an interrupted or failing export leaves nothing loadable, no temporary
+litter, and an existing output (being replaced with --force) intact.
 
 In-process tests interrupt each stage through the pipeline's `on_stage` hook with real signals
 (SIGINT as Python delivers it, SIGTERM through the CLI's handler), with the optimum step replaced
