@@ -421,8 +421,10 @@ def _check_model(model: Any, precision: str) -> None:
         raise ValueError("model is in training mode; call model.eval() before export")
 
 
-def _param_bytes(model: Any) -> int:
-    return sum(p.numel() * 4 for p in model.parameters())
+def weights_external(model: Any) -> bool:
+    """Whether the fused graph of `model` keeps its weights in a `<graph>.data` file (its fp32
+    parameters exceed graph_edit.EXTERNAL_DATA_BYTES) rather than inside the .onnx file."""
+    return sum(p.numel() * 4 for p in model.parameters()) > graph_edit.EXTERNAL_DATA_BYTES
 
 
 def build_fused_graph(model: Any, out_dir: Path, precision: str,
@@ -443,7 +445,7 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_name = graph_name or f"model-{precision}.onnx"
-    external = _param_bytes(model) > graph_edit.EXTERNAL_DATA_BYTES
+    external = weights_external(model)
     data_path = out_dir / f"{graph_name}.data" if external else None
     tmp_graph = out_dir / f"{graph_name}.tmp"
     if precision != "fp32":

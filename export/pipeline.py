@@ -45,6 +45,7 @@ from gpt2_onnx.runtime.manifest import (
     Variant,
     VariantIO,
     file_entries,
+    graph_external_data,
     package_versions,
     read_manifest,
     safe_child,
@@ -375,11 +376,13 @@ def estimated_bytes(model: Any, precisions: Sequence[str], genai_variant: str | 
                     ) -> int:
     """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant,
     plus the genai-facing copy of a fused variant whose weights sit inside its graph."""
+    from gpt2_onnx.export.fused import weights_external
+
     n_params = sum(p.numel() for p in model.parameters())
     lm_head = model.config.vocab_size * model.config.n_embd * 4
     total = sum(n_params * registry.get(p).bytes_per_param for p in precisions) + lm_head
     if genai_variant is not None and registry.get(genai_variant).family == "fused" \
-            and n_params * 4 <= graph_edit.EXTERNAL_DATA_BYTES:
+            and not weights_external(model):
         total += n_params * registry.get(genai_variant).bytes_per_param
     return int(total)
 
@@ -437,15 +440,9 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 def external_data_files(graph: Path) -> list[str]:
-    """Names of the external data files `graph` references (refusing paths that leave its dir)."""
-    import onnx
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    names: set[str] = set()
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                names.add(entry.value)
+    """Names of the external data files `graph` references (refusing paths that leave its dir);
+    read as the runtime reads them when it loads the directory (manifest.graph_external_data)."""
+    names = set(graph_external_data(graph))
     for name in names:
         if safe_child(graph.parent, name) is None:
             raise ExportError(f"{graph}: external data {name!r} points outside the directory")
