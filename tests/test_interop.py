@@ -46,10 +46,10 @@ def tiny_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def odd_fused(tmp_path_factory: pytest.TempPathFactory, odd_checkpoint: Path) -> Path:
     """The odd-shape checkpoint (5 layers, 4 heads, head_dim 32) with fused variants whose
     weights go to external data files, as gpt2-large's do."""
-    from gpt2_onnx.export import fused
+    from gpt2_onnx.export import graph_edit
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "EXTERNAL_DATA_MIN_BYTES", 0)
+        mp.setattr(graph_edit, "EXTERNAL_DATA_BYTES", 0)
         return export_dir(tmp_path_factory.mktemp("interop-odd") / "odd-fused",
                           source=str(odd_checkpoint), precisions=("fp32", "fp32-fused", "int4"))
 
