@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpt2_onnx.runtime.cli import app
+from gpt2_onnx.cli import app
 from gpt2_onnx.runtime.generator import TextGenerator
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
@@ -44,7 +44,7 @@ def invoke(runner: CliRunner, *args: str):
 
 def run_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     code = ("import sys\nsys.argv = ['gpt2-onnx', *sys.argv[1:]]\n"
-            "from gpt2_onnx.runtime.cli import main\nmain()\n")
+            "from gpt2_onnx.cli import main\nmain()\n")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **ENV})
 

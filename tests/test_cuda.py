@@ -427,7 +427,7 @@ def test_auto_resolves_to_cpu_without_cuda_provider() -> None:
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
 def test_device_cuda_without_gpu_fails_with_one_line(tiny_dir: Path) -> None:
-    cli = [sys.executable, "-c", "from gpt2_onnx.runtime.cli import main; main()"]
+    cli = [sys.executable, "-c", "from gpt2_onnx.cli import main; main()"]
     env = {**os.environ, "COLUMNS": "80"}  # a narrow terminal must not wrap the message
     proc = subprocess.run([*cli, "generate", str(tiny_dir), "Paris will", "--device", "cuda",
                            "--max-new-tokens", "2"], capture_output=True, text=True, env=env,

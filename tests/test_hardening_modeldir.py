@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.runtime import manifest as mf
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.generator import TextGenerator
 
 PROMPT = "Paris will"
-CLI = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+CLI = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.runtime import manifest as mf
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.generator import TextGenerator, load_tokenizer, vocab_fits
 from gpt2_onnx.runtime.scoring import score_ids
@@ -36,7 +36,7 @@ VOCAB = 50257
 N_POSITIONS = 256  # the tiny preset
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 EXE = [sys.executable, "-c",
-       "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"]
+       "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"]
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -557,7 +557,7 @@ def test_sigint_while_importing_exits_130(tiny_dir: Path) -> None:
             os.write(1, b"R")
         threading.Thread(target=watch, daemon=True).start()
         sys.argv = ["gpt2-onnx", "tokenize", {str(tiny_dir)!r}, "hi"]
-        from gpt2_onnx.runtime.cli import main
+        from gpt2_onnx.cli import main
         main()
         """)
     for delay in (0.0, 0.02, 0.05, 0.1, 0.2):

@@ -24,7 +24,7 @@ from conftest import interrupt_streamed_generate
 from gpt2_onnx.runtime.generator import TextGenerator
 
 N_POSITIONS = 256  # the tiny preset
-CLI = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+CLI = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @pytest.fixture(scope="module")

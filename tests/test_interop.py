@@ -19,9 +19,9 @@ import tomllib
 from conftest import export_dir
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.export import genai
 from gpt2_onnx.runtime import TextGenerator
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.manifest import check_files, read_manifest
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -291,7 +291,7 @@ def test_runtime_runs_with_genai_and_optimum_blocked(tiny_all: Path) -> None:
         import sys
         sys.modules.update(onnxruntime_genai=None, optimum=None)
         from gpt2_onnx.runtime import TextGenerator
-        import gpt2_onnx.runtime.cli
+        import gpt2_onnx.cli
         for precision in {list(ALL)!r}:
             gen = TextGenerator.load({str(tiny_all)!r}, device="cpu", precision=precision)
             gen.generate(["Paris will", "a"], max_new_tokens=3, greedy=True)

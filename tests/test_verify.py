@@ -13,8 +13,8 @@ import pytest
 from conftest import export_dir
 from typer.testing import CliRunner, Result
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.export import verify
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.manifest import check_files, read_manifest
 
 SHORT_PROMPTS = ["Paris will", "London was"]
