@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.config import DEFAULTS
 from gpt2_onnx.runtime.device import DEVICE_CHOICES
 
 if TYPE_CHECKING:
@@ -52,9 +53,9 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(
         help="CPU threads (default: the physical cores).")] = None,
-    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = DEFAULTS.slots,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "
-                                                "429.")] = 64,
+                                                "429.")] = DEFAULTS.max_queue,
     api_key: Annotated[str | None, typer.Option(
         envvar="GPT2_ONNX_API_KEY", help="Require 'Authorization: Bearer KEY' (also from "
         "$GPT2_ONNX_API_KEY, which keeps it out of the process list).")] = None,
