@@ -15,15 +15,15 @@ import typer
 
 from gpt2_onnx.cli.common import DEVICE_HELP, call, err, fail
 from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.config import DEFAULTS
 
 if TYPE_CHECKING:
     from gpt2_onnx.serve.server import ServeOptions
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
-_SHARED = [n for n in variants.names() if variants.get(n).kv_layout == "shared"]
 PRECISION_HELP = (f"Variant to serve, one of the directory's with shared KV slots "
-                  f"({', '.join(_SHARED)}); default: the device's preferred one present.")
+                  f"({', '.join(variants.shared_kv_names())}); default: the device's preferred one present.")
 
 
 def missing_serve_packages() -> list[str]:
@@ -49,9 +49,9 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(
         help="CPU threads (default: the physical cores).")] = None,
-    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = DEFAULTS.slots,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "
-                                                "429.")] = 64,
+                                                "429.")] = DEFAULTS.max_queue,
     api_key: Annotated[str | None, typer.Option(
         envvar="GPT2_ONNX_API_KEY", help="Require 'Authorization: Bearer KEY' (also from "
         "$GPT2_ONNX_API_KEY, which keeps it out of the process list).")] = None,

@@ -421,11 +421,11 @@ def _broken_sample_token(original):
 @pytest.mark.parametrize("where", ["runtime-and-verify", "runtime-loop-only"])
 def test_verify_fails_on_broken_sampler(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                         where: str) -> None:
-    from gpt2_onnx.runtime import engine, sampling
+    from gpt2_onnx.runtime import output, sampling
 
     broken = _broken_sample_token(sampling.sample_token)
-    # The name the loop calls: the per-row step (engine.Sequence) every front end shares.
-    monkeypatch.setattr(engine, "sample_token", broken)
+    # The name the loop calls: the per-row step (output.Sequence) every front end shares.
+    monkeypatch.setattr(output, "sample_token", broken)
     if where == "runtime-and-verify":  # consistently broken everywhere: only top-k notices
         monkeypatch.setattr(sampling, "sample_token", broken)
     report = verify.run_verify(tiny_dir, prompts=SHORT_PROMPTS, steps=3)
