@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
 PRECISION_HELP = (f"Variant to serve, one of the directory's with shared KV slots "
-                  f"({', '.join(variants.shared_kv_names())}); default: the device's preferred one present.")
+                  f"({', '.join(variants.shared_kv_names())}); default: the device's preferred "
+                  "one present.")
 
 
 def missing_serve_packages() -> list[str]:
