@@ -44,7 +44,8 @@ def _torch_one_thread(torch_one_thread):
 
 
 @pytest.fixture(scope="module")
-def tiny_fused_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's tiny_fused_dir plus int4 (its own name: it no longer shadows that fixture)."""
     from conftest import export_dir
 
     return export_dir(tmp_path_factory.mktemp("tiny-fused") / "random-tiny-seed0",
@@ -60,8 +61,8 @@ def odd_fused_dir(tmp_path_factory: pytest.TempPathFactory, odd_checkpoint: Path
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_fused_dir: Path) -> TextGenerator:
-    return TextGenerator.load(tiny_fused_dir, device="cpu", precision="fp32-fused", threads=1)
+def tiny(tiny_engine_dir: Path) -> TextGenerator:
+    return TextGenerator.load(tiny_engine_dir, device="cpu", precision="fp32-fused", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,8 @@ def test_joining_requests_match_transformers_greedy(which: str,
         assert req.result().ids == hf_greedy(reference, p, 20)
 
 
-def test_int4_variant_runs_on_the_engine(tiny_fused_dir: Path) -> None:
-    gen = TextGenerator.load(tiny_fused_dir, device="cpu", precision="int4", threads=1)
+def test_int4_variant_runs_on_the_engine(tiny_engine_dir: Path) -> None:
+    gen = TextGenerator.load(tiny_engine_dir, device="cpu", precision="int4", threads=1)
     rng = np.random.default_rng(2)
     prompts = [[int(t) for t in rng.integers(0, 50257, n)] for n in (3, 50, 120)]
     params = GenerationParams(max_new_tokens=12, sampling=SAMPLED[0], seed=4)
@@ -323,8 +324,8 @@ def test_bad_prompts_refused_at_submission(tiny: TextGenerator) -> None:
         Engine(tiny, max_len=10_000)
 
 
-def test_concat_variant_is_refused_with_the_reason(tiny_fused_dir: Path) -> None:
-    gen = TextGenerator.load(tiny_fused_dir, device="cpu", precision="fp32", threads=1)
+def test_concat_variant_is_refused_with_the_reason(tiny_engine_dir: Path) -> None:
+    gen = TextGenerator.load(tiny_engine_dir, device="cpu", precision="fp32", threads=1)
     with pytest.raises(Gpt2OnnxError, match="static batches"):
         Engine(gen)
     assert not gen.uses_engine  # generate() runs it as static batches, as before
@@ -517,10 +518,10 @@ def test_prefill_chunks_adapt_to_the_decode_budget(tiny: TextGenerator,
 
 
 @pytest.mark.gpu
-def test_engine_on_cuda_matches_cpu(tiny_fused_dir: Path, tiny: TextGenerator) -> None:
+def test_engine_on_cuda_matches_cpu(tiny_engine_dir: Path, tiny: TextGenerator) -> None:
     """The slot buffers live on the device, bound by address as on CPU (the prepared GPU check
     runs this; skipped by default)."""
-    gpu = TextGenerator.load(tiny_fused_dir, device="cuda", precision="fp32-fused")
+    gpu = TextGenerator.load(tiny_engine_dir, device="cuda", precision="fp32-fused")
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(0, 50257, n)] for n in (1, 40, 200)]
     params = GenerationParams(max_new_tokens=24, sampling=GREEDY)
