@@ -20,16 +20,17 @@ _EXPORTS = {
     "EngineClosedError": "engine",
     "EngineStats": "engine",
     "GenerationError": "engine",
-    "GenerationParams": "engine",
     "QueueFullError": "engine",
     "Request": "engine",
     "StepGenerator": "engine",
     "TokenEvent": "engine",
+    "ContextLengthError": "errors",
     "DeviceError": "errors",
     "Gpt2OnnxError": "errors",
     "InternalError": "errors",
     "MissingExtraError": "errors",
     "ModelDirError": "errors",
+    "ParameterError": "errors",
     "SessionLoadError": "errors",
     "Candidate": "generator",
     "GenerationResult": "generator",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "Manifest": "manifest",
     "check_files": "manifest",
     "read_manifest": "manifest",
+    "GenerationParams": "params",
     "SamplingSettings": "sampling",
     "TextScore": "scoring",
     "perplexity": "scoring",
@@ -47,6 +49,7 @@ _EXPORTS = {
 
 __all__ = [
     "Candidate",
+    "ContextLengthError",
     "Device",
     "DeviceError",
     "DoneEvent",
@@ -61,6 +64,7 @@ __all__ = [
     "Manifest",
     "MissingExtraError",
     "ModelDirError",
+    "ParameterError",
     "QueueFullError",
     "Request",
     "SamplingSettings",
@@ -85,18 +89,19 @@ if TYPE_CHECKING:
         EngineClosedError,
         EngineStats,
         GenerationError,
-        GenerationParams,
         QueueFullError,
         Request,
         StepGenerator,
         TokenEvent,
     )
     from gpt2_onnx.runtime.errors import (
+        ContextLengthError,
         DeviceError,
         Gpt2OnnxError,
         InternalError,
         MissingExtraError,
         ModelDirError,
+        ParameterError,
         SessionLoadError,
     )
     from gpt2_onnx.runtime.generator import (
@@ -107,6 +112,7 @@ if TYPE_CHECKING:
         Timings,
     )
     from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
+    from gpt2_onnx.runtime.params import GenerationParams
     from gpt2_onnx.runtime.sampling import SamplingSettings
     from gpt2_onnx.runtime.scoring import TextScore, perplexity
     from gpt2_onnx.runtime.variants import VariantSpec

@@ -40,8 +40,8 @@ from tokenizers.decoders import DecodeStream
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
 from gpt2_onnx.runtime.generator import Candidate, GenerationResult, StepRecord, Timings
 from gpt2_onnx.runtime.manifest import ModelDims
-from gpt2_onnx.runtime.sampling import SamplingSettings, sample_token, top_candidates
-from gpt2_onnx.runtime.validation import check_int, check_optional_int, gather
+from gpt2_onnx.runtime.params import GenerationParams  # its home; re-exported here
+from gpt2_onnx.runtime.sampling import sample_token, top_candidates
 
 if TYPE_CHECKING:
     from gpt2_onnx.runtime.generator import TextGenerator
@@ -63,61 +63,6 @@ class GenerationError(Gpt2OnnxError):
 
 
 # ---------------------------------------------------------------------------- values
-
-
-def _check_stop(stop: object) -> None:
-    if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop: give non-empty strings, got {stop!r}")
-
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything one request asks for. Checked by `validate` before any work starts."""
-
-    max_new_tokens: int = 64  # new tokens at most (the prompt not counted)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy, top-k, ...
-    seed: int | None = None  # fixes the sampled tokens; None: fresh entropy
-    stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops
-    top_n: int = 0  # > 0: each TokenEvent carries the n most probable candidates (explain mode)
-
-    def __post_init__(self) -> None:
-        # A single string or a list is accepted for `stop` and stored as a tuple.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-
-    def validate(self, dims: ModelDims) -> None:
-        """ValueError naming every bad setting and its allowed range (prompt-independent)."""
-        if not isinstance(self.sampling, SamplingSettings):
-            raise ValueError("sampling: give a SamplingSettings, got "
-                             f"{type(self.sampling).__name__}")
-        problems = gather(  # every bad setting in one error
-            lambda: self.sampling.validate(dims.vocab_size),
-            lambda: check_optional_int("seed", self.seed, 0, hint=" or None"),
-            lambda: check_int("max_new_tokens", self.max_new_tokens, 0),
-            lambda: check_int("top_n", self.top_n, 0, dims.vocab_size, hint=" (0 is off)"),
-            lambda: _check_stop(self.stop))
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def check_prompt(self, prompt_ids: Seq[int], dims: ModelDims, what: str = "prompt",
-                     max_len: int | None = None) -> None:
-        """ValueError when the prompt plus max_new_tokens exceed the positions available."""
-        limit = dims.n_positions if max_len is None else min(max_len, dims.n_positions)
-        what_limit = f"n_positions={dims.n_positions}" if limit == dims.n_positions \
-            else f"the engine's max_len={limit}"
-        n = len(prompt_ids)
-        if n > limit:
-            raise ValueError(f"{what} has {n} tokens, more than {what_limit} the model allows; "
-                             "shorten it")
-        room = limit - max(n, 1)
-        if self.max_new_tokens > room:
-            raise ValueError(
-                f"max_new_tokens={self.max_new_tokens} with a prompt of {max(n, 1)} tokens "
-                f"exceeds {what_limit}: allowed range is [0, {room}] for this prompt (shorten "
-                "the prompt or ask for fewer tokens)")
 
 
 @dataclass(frozen=True)
