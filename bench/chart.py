@@ -2,6 +2,9 @@
 min-max of the repetitions), with each system's bandwidth ceiling.
 
     python bench/chart.py bench/results/bench.json [bench/results/bench.png]
+
+matplotlib comes with the `bench` and `test` extras. Without it the benchmarks still write their
+JSON and markdown and skip the chart with one line (`pyplot_or_none`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,21 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+NO_MATPLOTLIB = ("chart skipped: matplotlib is not installed "
+                 "(the bench or test extra draws it: pip install -e \".[bench]\")")
+
+
+def pyplot_or_none() -> Any | None:
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is absent."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _by_context(figures: dict[Any, Any]) -> dict[int, Any]:
@@ -24,13 +42,12 @@ def _stat(v: Any) -> tuple[float, float, float]:
     return float(v), float(v), float(v)
 
 
-def plot(doc: dict[str, Any], out: Path) -> Path:
-    """Grouped bars (one group per context, one bar per system) and a tick at each ceiling."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+def plot(doc: dict[str, Any], out: Path) -> Path | None:
+    """Grouped bars (one group per context, one bar per system) and a tick at each ceiling;
+    None, drawing nothing, where matplotlib is absent."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
     summary = doc["summary"]
     systems = list(summary)
     decode = {s: _by_context(summary[s]["decode"]) for s in systems}
@@ -74,7 +91,9 @@ def main(argv: list[str]) -> int:
         return 2
     src = Path(argv[0])
     out = Path(argv[1]) if len(argv) == 2 else src.with_suffix(".png")
-    plot(json.loads(src.read_text()), out)
+    if plot(json.loads(src.read_text()), out) is None:
+        sys.stderr.write(NO_MATPLOTLIB + "\n")
+        return 1
     return 0
 
 

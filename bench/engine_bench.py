@@ -360,12 +360,13 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def chart(doc: dict[str, Any], path: Path) -> bool:
+    """engine_bench.png; False, drawing nothing, where matplotlib is absent."""
+    from chart import pyplot_or_none
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_or_none()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for r in doc["runs"]:
         label = f"{r['precision']} {r['mode']}"
@@ -393,6 +394,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------- main
@@ -480,7 +482,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "engine_bench.json").write_text(json.dumps(doc, indent=1))
     (cfg.out / "engine_bench.md").write_text(markdown(doc))
-    chart(doc, cfg.out / "engine_bench.png")
+    if not chart(doc, cfg.out / "engine_bench.png"):
+        from chart import NO_MATPLOTLIB
+
+        print(f"[engine_bench] {NO_MATPLOTLIB}", file=sys.stderr)
     print(markdown(doc))
     print(f"[engine_bench] {time.perf_counter() - started:.0f} s; results in {cfg.out}",
           file=sys.stderr)

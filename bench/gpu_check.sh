@@ -113,7 +113,7 @@ nvidia_libs() {  # the CUDA/cuDNN libraries of the pip packages torch brought (C
   find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd: -
 }
 
-gpt2() { python3 -c 'from gpt2_onnx.runtime.cli import main; main()' "$@"; }
+gpt2() { python3 -c 'from gpt2_onnx.cli import main; main()' "$@"; }
 export -f stage_parts install_wheels gpt2
 export wheels stage repo
 

@@ -1046,10 +1046,13 @@ def main(argv: list[str]) -> int:
         return 0
     write_json(doc, cfg.out)
     (cfg.out / "bench.md").write_text(markdown(doc))
-    from chart import plot
+    from chart import NO_MATPLOTLIB, plot
 
-    plot(doc, cfg.out / "bench.png")
-    log(f"wrote {cfg.out}/bench.json, bench.md, bench.png")
+    if plot(doc, cfg.out / "bench.png") is None:
+        log(NO_MATPLOTLIB)
+        log(f"wrote {cfg.out}/bench.json, bench.md")
+    else:
+        log(f"wrote {cfg.out}/bench.json, bench.md, bench.png")
     sys.stdout.write(markdown(doc))
     return 0
 

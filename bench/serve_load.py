@@ -54,7 +54,7 @@ PROMPTS = ("Paris will", "The history of the city", "Once upon a time", "In 1999
 # The peer, measured by hand (issue 13): llama.cpp's llama-server, 8 slots, 2 threads, random
 # gpt2-large Q4_0, streamed greedy 64-token completions of short prompts, closed loop.
 LLAMA_SERVER_Q4_0 = {1: 68.8, 2: 81.8, 4: 154.8, 8: 182.0}
-LAUNCH = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+LAUNCH = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @dataclass

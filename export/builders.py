@@ -1,15 +1,21 @@
 """Builders of the extra variants: one function per registry entry (runtime/variants.py).
 
 A builder writes its variant's graph (the entry's file name) into the export's directory, after
-optimum's fp32 graph is there, and returns the manifest Variant. The pipeline copies the entry's
-thresholds into it. Adding a variant = `variants.register(VariantSpec(...))` +
+optimum's fp32 graph is there, and returns the manifest Variant. The pipeline looks the builder
+up here (`builder_for`) and stamps the entry's name and thresholds on what it returns
+(pipeline.build_extra_variant). Adding a variant = `variants.register(VariantSpec(...))` +
 `register_builder(name, fn)`.
+
+The table is keyed by the registry's variant names and lives on the export side, not in the
+torch-free registry: a builder is export code (torch, onnx), and a callable here is checked by
+import and by ruff, where a "module:function" string in runtime/variants.py would be resolved
+only when an export runs. This module imports nothing heavy at import time (the CLI reads
+`exportable()` for its help); each builder imports its graph module when it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +59,21 @@ def build_fused(model: Any, out_dir: Path, spec: VariantSpec) -> Variant:
     if weights is None:
         raise ValueError(f"variant {spec.name!r}: the fused graph has no {spec.weight_dtype} "
                          "weights (float32, int8, int4)")
-    variant = build_fused_graph(model, out_dir, weights, graph_name=spec.graph)
-    return replace(variant, precision=spec.name)
+    return build_fused_graph(model, out_dir, weights, graph_name=spec.graph)
 
 
 def build_fp16(model: Any, out_dir: Path, spec: VariantSpec) -> Variant:
     """optimum's fp32 graph (already in out_dir) converted to float16."""
     from gpt2_onnx.export.fp16 import build_fp16_variant
 
-    return replace(build_fp16_variant(out_dir), precision=spec.name)
+    return build_fp16_variant(out_dir)
 
 
 def build_fp16_fused(model: Any, out_dir: Path, spec: VariantSpec) -> Variant:
     """The fused GroupQueryAttention graph in float16 (the CUDA path)."""
     from gpt2_onnx.export.fused import build_fp16_fused_variant
 
-    return replace(build_fp16_fused_variant(model, out_dir, graph_name=spec.graph),
-                   precision=spec.name)
+    return build_fp16_fused_variant(model, out_dir, graph_name=spec.graph)
 
 
 for _name in ("fp32-fused", "int8", "int4"):

@@ -15,7 +15,7 @@ The graph also gets an extra output, LAST_LOGITS ([batch, vocab] float32, the la
 so a runtime can bring only that row to the host at prefill instead of [batch, seq, vocab]
 (bench/GPU.md); a runtime that knows it binds it at prefill (runtime/decoder.py). Runtimes
 that do not know it never bind it. optimum's fp32 graph gets the same output at export
-(pipeline.add_last_logits); an older export's graph gets it here.
+(graph_edit.add_last_logits); an older export's graph gets it here.
 
 onnxruntime's float16 converter does the conversion (onnxruntime.transformers.float16); this
 module only chooses what stays fp32 and tidies the casts it inserts.
@@ -28,26 +28,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gpt2_onnx.export.graph_edit import LAST_LOGITS, add_last_logits_output, save_graph
 from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
 FP16_GRAPH = variants.get("fp16").graph  # "model-fp16.onnx"
-FP16_DATA = f"{FP16_GRAPH}.data"
-LAST_LOGITS = "logits_last"  # extra output: logits of the last position, [batch, vocab] float32
+FP16_DATA = f"{FP16_GRAPH}.data"  # written when the weights are large (graph_edit.save_graph)
 # Op types that stay fp32 (besides onnxruntime's default list of ops without fp16 kernels).
 BLOCKED_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
-# Above this many bytes of weights the graph stores them in FP16_DATA: protobuf refuses a single
-# file over 2 GB, and gpt2-large in fp16 (1.7 GB) is already close to that.
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def build_fp16_variant(model_dir: Path, fp32: Variant | None = None) -> Variant:
     """Convert the fp32 graph in `model_dir` to FP16_GRAPH (+ FP16_DATA when large) beside it.
 
     fp32: the directory's fp32 Variant (optimum's graph); default model.onnx with optimum's names.
-    Returns the fp16 Variant (same tensor names, KV dtype float16, logits float32) carrying the
-    fp16 thresholds (not fp32's). Raises ValueError when the graph is not one this conversion
-    understands (no LayerNormalization op, i.e. LayerNorm decomposed by an opset < 17 export).
+    Returns the fp16 Variant (same tensor names, KV dtype float16, logits float32); the pipeline
+    stamps the registry entry's name and thresholds on it (pipeline.build_extra_variant).
+    Raises ValueError when the graph is not one this conversion understands (no
+    LayerNormalization op, i.e. LayerNorm decomposed by an opset < 17 export).
     """
     model_dir = Path(model_dir)
     fp32 = fp32 or Variant("fp32", "model.onnx", (), "float32", VariantIO())
@@ -58,8 +56,7 @@ def build_fp16_variant(model_dir: Path, fp32: Variant | None = None) -> Variant:
         add_last_logits_output(model.graph, io.logits, LAST_LOGITS)
     data = save_graph(model, model_dir, FP16_GRAPH, FP16_DATA)
     variant = Variant(precision="fp16", graph=FP16_GRAPH, data=data, dtype="float16",
-                      io=replace(io, logits_last=LAST_LOGITS),
-                      thresholds=variants.thresholds_for("fp16"))
+                      io=replace(io, logits_last=LAST_LOGITS))
     check_fp16_io(model_dir / FP16_GRAPH, variant)
     return variant
 
@@ -147,35 +144,6 @@ def drop_cast_round_trips(graph: Any) -> int:
     return removed
 
 
-def add_last_logits_output(graph: Any, logits: str = "logits", name: str = LAST_LOGITS) -> None:
-    """Add output `name` = logits[:, -1, :] ([batch, vocab], same dtype as `logits`)."""
-    from onnx import TensorProto, helper
-
-    src = next(o for o in graph.output if o.name == logits)
-    index = f"{name}_index"
-    graph.initializer.append(helper.make_tensor(index, TensorProto.INT64, [], [-1]))
-    graph.node.append(helper.make_node("Gather", [logits, index], [name], axis=1,
-                                       name=f"/{name}/Gather"))
-    graph.output.append(helper.make_tensor_value_info(
-        name, src.type.tensor_type.elem_type, ["batch_size", "vocab_size"]))
-
-
-def save_graph(model: Any, model_dir: Path, graph_name: str, data_name: str
-               ) -> tuple[str, ...]:
-    """Write `graph_name` (and `data_name` when the weights are large); returns the data files."""
-    import onnx
-
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    graph = model_dir / graph_name
-    if weight_bytes <= EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(graph))
-        return ()
-    (model_dir / data_name).unlink(missing_ok=True)  # save appends to an existing data file
-    onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    return (data_name,)
-
-
 def check_fp16_io(graph: Path, variant: Variant) -> None:
     """ValueError unless the saved graph's I/O is typed as the variant says: KV float16,
     logits (and the last-row logits, if any) float32, integer inputs int64."""
@@ -200,17 +168,3 @@ def check_fp16_io(graph: Path, variant: Variant) -> None:
         raise ValueError(f"{graph}: fp16 conversion gave unexpected I/O: "
                          f"{'; '.join(bad) or 'no KV inputs'}")
 
-
-def add_fp16_variant(model_dir: Path) -> Path:
-    """Add the fp16 variant to an existing model directory (fp32 exported) and rewrite its
-    manifest; returns the manifest path. For directories exported without `--precision fp16`."""
-    from gpt2_onnx.export.pipeline import refresh_file_entries
-    from gpt2_onnx.runtime.manifest import read_manifest
-
-    model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    if "fp32" not in manifest.variants:
-        raise ValueError(f"{model_dir}: no fp32 variant to convert")
-    variant = build_fp16_variant(model_dir, manifest.variants["fp32"])
-    manifest = replace(manifest, variants={**manifest.variants, "fp16": variant})
-    return refresh_file_entries(model_dir, manifest).write(model_dir)

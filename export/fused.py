@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_onnx.export import graph_edit
+from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
 PRECISIONS = ("fp32", "int8", "int4")
 OPSET = 17  # LayerNormalization
 IR_VERSION = 8  # what onnxruntime 1.20+ loads; the graph uses no newer types
-EXTERNAL_DATA_MIN_BYTES = 1 << 30  # parameters above 1 GiB go to `<graph>.data` (protobuf: 2 GB)
-INLINE_MAX_BYTES = 1024  # smaller tensors stay in the .onnx file even then
-
-
+# Parameters above graph_edit.EXTERNAL_DATA_BYTES go to `<graph>.data` (protobuf: 2 GB); tensors
+# under graph_edit.INLINE_MAX_BYTES stay in the .onnx file even then (read at call time).
 
 LINEAR_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -150,7 +150,7 @@ class _Graph:
 
         array = np.ascontiguousarray(array)
         # Shape constants stay inline: onnxruntime's shape inference cannot read external ones.
-        if self._data is None or array.nbytes < INLINE_MAX_BYTES:
+        if self._data is None or array.nbytes < graph_edit.INLINE_MAX_BYTES:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
         tensor = TensorProto()
@@ -421,8 +421,10 @@ def _check_model(model: Any, precision: str) -> None:
         raise ValueError("model is in training mode; call model.eval() before export")
 
 
-def _param_bytes(model: Any) -> int:
-    return sum(p.numel() * 4 for p in model.parameters())
+def weights_external(model: Any) -> bool:
+    """Whether the fused graph of `model` keeps its weights in a `<graph>.data` file (its fp32
+    parameters exceed graph_edit.EXTERNAL_DATA_BYTES) rather than inside the .onnx file."""
+    return sum(p.numel() * 4 for p in model.parameters()) > graph_edit.EXTERNAL_DATA_BYTES
 
 
 def build_fused_graph(model: Any, out_dir: Path, precision: str,
@@ -443,7 +445,7 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_name = graph_name or f"model-{precision}.onnx"
-    external = _param_bytes(model) > EXTERNAL_DATA_MIN_BYTES
+    external = weights_external(model)
     data_path = out_dir / f"{graph_name}.data" if external else None
     tmp_graph = out_dir / f"{graph_name}.tmp"
     if precision != "fp32":
@@ -473,8 +475,7 @@ def build_fused_graph(model: Any, out_dir: Path, precision: str,
     )
 
 
-
-FP16_FUSED_GRAPH = "model-fp16-fused.onnx"
+FP16_FUSED_GRAPH = variants.get("fp16-fused").graph  # "model-fp16-fused.onnx"
 
 
 def build_fp16_fused_variant(model: Any, out_dir: Path,
@@ -489,7 +490,7 @@ def build_fp16_fused_variant(model: Any, out_dir: Path,
     """
     import shutil
 
-    from gpt2_onnx.export.fp16 import check_fp16_io, convert_to_fp16, save_graph
+    from gpt2_onnx.export.fp16 import check_fp16_io, convert_to_fp16
 
     out_dir = Path(out_dir)
     scratch = out_dir / ".fp16-fused-src"
@@ -499,7 +500,7 @@ def build_fp16_fused_variant(model: Any, out_dir: Path,
         _annotate_types(scratch / src.graph)
         proto = convert_to_fp16(scratch / src.graph, [src.io.logits])
         proto.graph.name = "gpt2-fused-fp16"
-        data = save_graph(proto, out_dir, graph_name, f"{graph_name}.data")
+        data = graph_edit.save_graph(proto, out_dir, graph_name, f"{graph_name}.data")
         del proto
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,10 @@ ONNX -> extra variants -> tokenizer and configs -> manifest -> verify -> rename 
 Everything is written into a temporary sibling directory that is renamed into place only when
 complete, so an interrupted or failed export leaves nothing loadable and no litter, and with
 `force` an existing directory stays intact until its replacement is complete.
+
+The top of the export package's graph modules: it runs the builders (builders.py, which run
+fused.py and fp16.py), and they and it share the graph edits of graph_edit.py; none of those
+imports this module.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from gpt2_onnx.export import graph_edit
 from gpt2_onnx.export.builders import builder_for, exportable
-from gpt2_onnx.export.fp16 import LAST_LOGITS
+from gpt2_onnx.export.fp16 import build_fp16_variant
+from gpt2_onnx.export.graph_edit import LAST_LOGITS
 from gpt2_onnx.export.source import ResolvedSource, default_name, resolve_source, write_tokenizer
 from gpt2_onnx.runtime import variants as registry
 from gpt2_onnx.runtime.errors import Gpt2OnnxError
@@ -39,7 +45,9 @@ from gpt2_onnx.runtime.manifest import (
     Variant,
     VariantIO,
     file_entries,
+    graph_external_data,
     package_versions,
+    read_manifest,
     safe_child,
 )
 
@@ -368,13 +376,13 @@ def estimated_bytes(model: Any, precisions: Sequence[str], genai_variant: str | 
                     ) -> int:
     """Rough bytes the export writes: fp32 weights (+ lm_head copy), plus each extra variant,
     plus the genai-facing copy of a fused variant whose weights sit inside its graph."""
-    from gpt2_onnx.export.fused import EXTERNAL_DATA_MIN_BYTES
+    from gpt2_onnx.export.fused import weights_external
 
     n_params = sum(p.numel() for p in model.parameters())
     lm_head = model.config.vocab_size * model.config.n_embd * 4
     total = sum(n_params * registry.get(p).bytes_per_param for p in precisions) + lm_head
     if genai_variant is not None and registry.get(genai_variant).family == "fused" \
-            and n_params * 4 <= EXTERNAL_DATA_MIN_BYTES:
+            and not weights_external(model):
         total += n_params * registry.get(genai_variant).bytes_per_param
     return int(total)
 
@@ -406,26 +414,13 @@ def export_optimum_fp32(model: Any, out_dir: Path) -> Variant:
     if not graph.is_file():
         raise ExportError(f"optimum produced no model.onnx in {raw}")
     data = external_data_files(graph)
-    add_last_logits(graph)
+    graph_edit.add_last_logits(graph, VariantIO().logits)
     for name in ["model.onnx", *data]:
         os.replace(raw / name, out_dir / name)
     shutil.rmtree(raw)
     gc.collect()  # the traced graph held gigabytes for gpt2-large; give them back before verify
     return Variant(precision="fp32", graph="model.onnx", data=tuple(data), dtype="float32",
                    io=VariantIO(logits_last=LAST_LOGITS))
-
-
-def add_last_logits(graph: Path) -> None:
-    """Give optimum's graph the last-row output LAST_LOGITS ([batch, vocab]): prefill then
-    brings one row per prompt to the host, not [batch, seq, vocab] (on CUDA a device-to-host
-    copy of 1.45 GB at batch 8 and 900 tokens). The weights (external data) are not touched."""
-    import onnx
-
-    from gpt2_onnx.export.fp16 import add_last_logits_output
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    add_last_logits_output(proto.graph, VariantIO().logits, LAST_LOGITS)
-    onnx.save(proto, str(graph))
 
 
 @contextlib.contextmanager
@@ -445,15 +440,9 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 def external_data_files(graph: Path) -> list[str]:
-    """Names of the external data files `graph` references (refusing paths that leave its dir)."""
-    import onnx
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    names: set[str] = set()
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                names.add(entry.value)
+    """Names of the external data files `graph` references (refusing paths that leave its dir);
+    read as the runtime reads them when it loads the directory (manifest.graph_external_data)."""
+    names = set(graph_external_data(graph))
     for name in names:
         if safe_child(graph.parent, name) is None:
             raise ExportError(f"{graph}: external data {name!r} points outside the directory")
@@ -462,9 +451,14 @@ def external_data_files(graph: Path) -> list[str]:
 
 def build_extra_variant(model: Any, out_dir: Path, precision: str) -> Variant:
     """Run the registered builder of `precision` (export/builders.py); the Variant carries the
-    registry entry's verify thresholds."""
+    registry entry's name and verify thresholds."""
     spec = registry.get(precision)
-    variant = builder_for(precision)(model, out_dir, spec)
+    return _as_entry(builder_for(precision)(model, out_dir, spec), spec)
+
+
+def _as_entry(variant: Variant, spec: registry.VariantSpec) -> Variant:
+    """`variant` named as the registry entry `spec` and carrying its thresholds (the record
+    in the manifest; verify applies the registry's own)."""
     return replace(variant, precision=spec.name, thresholds=dict(spec.thresholds))
 
 
@@ -511,3 +505,15 @@ def refresh_file_entries(model_dir: Path, manifest: Manifest) -> Manifest:
     """The manifest with sizes and hashes recomputed (after a file in the directory changed)."""
     return replace(manifest, files=_directory_entries(model_dir))
 
+
+def add_fp16_variant(model_dir: Path) -> Path:
+    """Add the fp16 variant to an existing model directory (fp32 exported) and rewrite its
+    manifest; returns the manifest path. For directories exported without `--precision fp16`."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    if "fp32" not in manifest.variants:
+        raise ValueError(f"{model_dir}: no fp32 variant to convert")
+    variant = _as_entry(build_fp16_variant(model_dir, manifest.variants["fp32"]),
+                        registry.get("fp16"))
+    manifest = replace(manifest, variants={**manifest.variants, "fp16": variant})
+    return refresh_file_entries(model_dir, manifest).write(model_dir)

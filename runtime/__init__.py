@@ -15,28 +15,29 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (startup 
 # public name -> module that defines it
 _EXPORTS = {
     "Device": "device",
-    "DoneEvent": "engine",
+    "EngineConfig": "config",
     "Engine": "engine",
-    "EngineClosedError": "engine",
     "EngineStats": "engine",
-    "GenerationError": "engine",
-    "QueueFullError": "engine",
-    "Request": "engine",
-    "StepGenerator": "engine",
-    "TokenEvent": "engine",
+    "StepGenerator": "batch",
+    "Request": "request",
     "ContextLengthError": "errors",
     "DeviceError": "errors",
+    "EngineClosedError": "errors",
+    "GenerationError": "errors",
     "Gpt2OnnxError": "errors",
     "InternalError": "errors",
     "MissingExtraError": "errors",
     "ModelDirError": "errors",
     "ParameterError": "errors",
+    "QueueFullError": "errors",
     "SessionLoadError": "errors",
-    "Candidate": "generator",
-    "GenerationResult": "generator",
-    "StepRecord": "generator",
+    "Candidate": "results",
+    "DoneEvent": "results",
+    "GenerationResult": "results",
+    "StepRecord": "results",
+    "Timings": "results",
+    "TokenEvent": "results",
     "TextGenerator": "generator",
-    "Timings": "generator",
     "Manifest": "manifest",
     "check_files": "manifest",
     "read_manifest": "manifest",
@@ -55,6 +56,7 @@ __all__ = [
     "DoneEvent",
     "Engine",
     "EngineClosedError",
+    "EngineConfig",
     "EngineStats",
     "GenerationError",
     "GenerationParams",
@@ -82,37 +84,35 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from gpt2_onnx.runtime.batch import StepGenerator
+    from gpt2_onnx.runtime.config import EngineConfig
     from gpt2_onnx.runtime.device import Device
-    from gpt2_onnx.runtime.engine import (
-        DoneEvent,
-        Engine,
-        EngineClosedError,
-        EngineStats,
-        GenerationError,
-        QueueFullError,
-        Request,
-        StepGenerator,
-        TokenEvent,
-    )
+    from gpt2_onnx.runtime.engine import Engine, EngineStats
     from gpt2_onnx.runtime.errors import (
         ContextLengthError,
         DeviceError,
+        EngineClosedError,
+        GenerationError,
         Gpt2OnnxError,
         InternalError,
         MissingExtraError,
         ModelDirError,
         ParameterError,
+        QueueFullError,
         SessionLoadError,
     )
-    from gpt2_onnx.runtime.generator import (
-        Candidate,
-        GenerationResult,
-        StepRecord,
-        TextGenerator,
-        Timings,
-    )
+    from gpt2_onnx.runtime.generator import TextGenerator
     from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
     from gpt2_onnx.runtime.params import GenerationParams
+    from gpt2_onnx.runtime.request import Request
+    from gpt2_onnx.runtime.results import (
+        Candidate,
+        DoneEvent,
+        GenerationResult,
+        StepRecord,
+        Timings,
+        TokenEvent,
+    )
     from gpt2_onnx.runtime.sampling import SamplingSettings
     from gpt2_onnx.runtime.scoring import TextScore, perplexity
     from gpt2_onnx.runtime.variants import VariantSpec

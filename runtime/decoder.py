@@ -4,7 +4,7 @@ A `Decoder` wraps one onnxruntime session of one variant. `start()` returns an e
 by the caller; `forward()` takes the cache and returns logits and the next cache. Nothing about a
 generation is stored on the decoder, so one decoder serves many threads at once.
 
-Two KV layouts exist (see manifest.KV_LAYOUTS): "concat" (optimum's graph: present = past + new,
+Two KV layouts exist (see variants.KV_LAYOUTS): "concat" (optimum's graph: present = past + new,
 a new tensor every step) here, and "shared" (a preallocated buffer written in place) in
 shared_kv.py.
 """
@@ -134,46 +134,3 @@ class ConcatDecoder(DecoderBase):
         nxt = ConcatCache(dict(zip(self._past, presents, strict=True)), cache.length + seq)
         return logits, nxt
 
-
-class PaddedBatch:
-    """Rows of token ids of different lengths as one static batch over any Decoder.
-
-    Owns the padding and positions the graph needs, so callers hand rows of ids: the prompts
-    are left-padded (mask 0, position ids from the mask's cumulative sum, as optimum 775
-    requires) for the prefill, then every step appends one token per row and continues each
-    row's positions. The cache lives here, for the batch's lifetime.
-    """
-
-    def __init__(self, decoder: Decoder, rows: list[list[int]], max_new_tokens: int) -> None:
-        if not rows or any(len(r) < 1 for r in rows):
-            raise ValueError("PaddedBatch: every row needs at least one token")
-        self.decoder = decoder
-        self.rows = rows
-        self.width = max(len(r) for r in rows)
-        self.cache = decoder.start(len(rows), self.width + max_new_tokens)
-        self.mask = np.zeros((len(rows), 0), dtype=np.int64)  # [batch, fed]; 0 = padding
-        self.last_pos = np.zeros(len(rows), dtype=np.int64)  # [batch]
-
-    def prefill(self) -> np.ndarray:
-        """Run the left-padded prompts; logits [batch, vocab] of each row's last token."""
-        batch, width = len(self.rows), self.width
-        eos = self.decoder.dims.eos_token_id
-        input_ids = np.full((batch, width), eos, dtype=np.int64)  # [batch, width]
-        mask = np.zeros((batch, width), dtype=np.int64)  # [batch, width]
-        for r, ids in enumerate(self.rows):
-            input_ids[r, width - len(ids):] = ids
-            mask[r, width - len(ids):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # [batch, width]
-        logits, self.cache = self.decoder.forward(self.cache, input_ids, mask, positions)
-        self.mask, self.last_pos = mask, positions[:, -1]
-        return logits
-
-    def step(self, tokens: list[int]) -> np.ndarray:
-        """Feed one token per row; logits [batch, vocab] after it."""
-        batch = len(self.rows)
-        self.mask = np.concatenate([self.mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        self.last_pos = self.last_pos + 1
-        next_ids = np.asarray(tokens, dtype=np.int64)[:, None]  # [batch, 1]
-        logits, self.cache = self.decoder.forward(self.cache, next_ids, self.mask,
-                                                  self.last_pos[:, None])
-        return logits

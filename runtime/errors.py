@@ -31,6 +31,18 @@ class SessionLoadError(Gpt2OnnxError):
     """onnxruntime cannot load a sound graph here: out of memory, or an operator it lacks."""
 
 
+class QueueFullError(Gpt2OnnxError):
+    """The engine's waiting queue is full (a server answers 429: retry later)."""
+
+
+class EngineClosedError(Gpt2OnnxError):
+    """The engine is closing or closed and accepts no new requests."""
+
+
+class GenerationError(Gpt2OnnxError):
+    """A request ended with finish_reason "error" (the message says why)."""
+
+
 def missing_packages(names: tuple[str, ...]) -> list[str]:
     """Those of the top-level packages `names` that cannot be imported, checked without importing
     them (an extra's heavy packages are imported lazily, where they are used)."""

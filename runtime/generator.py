@@ -7,84 +7,50 @@ the random generators belong to one call, so one loaded TextGenerator serves man
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
 from gpt2_onnx.runtime import variants
+from gpt2_onnx.runtime.batch import static_batch
+from gpt2_onnx.runtime.config import DEFAULTS
 from gpt2_onnx.runtime.device import Device, import_onnxruntime, resolve_device
-from gpt2_onnx.runtime.errors import ModelDirError
+from gpt2_onnx.runtime.engine import Engine
+from gpt2_onnx.runtime.errors import GenerationError, ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, check_graph_io, read_manifest
 from gpt2_onnx.runtime.params import GenerationParams, resolve, takes_generation_keywords
+from gpt2_onnx.runtime.results import Candidate as Candidate  # re-exported (older imports)
+from gpt2_onnx.runtime.results import DoneEvent, GenerationResult, TokenEvent
+from gpt2_onnx.runtime.results import StepRecord as StepRecord
+from gpt2_onnx.runtime.results import Timings as Timings
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
 from gpt2_onnx.runtime.validation import check_bool, check_threads, check_token_ids
 
 if TYPE_CHECKING:
     from gpt2_onnx.runtime.decoder import Decoder
-    from gpt2_onnx.runtime.engine import DoneEvent, Engine, Request, TokenEvent
+    from gpt2_onnx.runtime.request import Request
 
-# TextGenerator's own engine (shared-KV variants): requests decoded together, prompt tokens
-# loaded per step while others decode, seconds idle before its thread and buffers go away.
-ENGINE_SLOTS = 8
-ENGINE_PREFILL_CHUNK = 64
-ENGINE_PREFILL_BUDGET = 0.8  # a prefill chunk's share of a decode run's time (Engine)
-ENGINE_IDLE_STOP = 5.0
+# TextGenerator's own engine (shared-KV variants): its slots, prefill chunk and budget are the
+# engine's defaults (config.DEFAULTS); these two are its own.
+ENGINE_IDLE_STOP = 5.0  # seconds idle before its thread and buffers go away
 ENGINE_MAX_QUEUE = 1 << 20  # generate() queues any number of prompts
-
-
-@dataclass(frozen=True)
-class Timings:
-    prefill_ms: float  # prompt -> first logits (time to first token, sampling excluded)
-    decode_ms: float  # all later steps
-    decode_tokens_per_s: float  # tokens of this row / decode time (0 when nothing decoded)
-    ttft_ms: float = 0.0  # submission -> first token (the engine: queue wait included)
-    queue_ms: float = 0.0  # submission -> a slot (the engine only)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    id: int
-    text: str
-    prob: float
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """Explain mode: what the model offered at one step and what was chosen."""
-
-    step: int
-    candidates: list[Candidate]  # top-N by probability (raw softmax of the logits)
-    chosen: Candidate  # prob is its raw softmax probability
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    prompt: str
-    prompt_ids: list[int]
-    ids: list[int]  # new tokens only (the EOS token included when finish_reason is "eos")
-    text: str  # new text only, special tokens skipped, cut before a stop string
-    finish_reason: str  # "length", "eos" or "stop" ("cancelled" from an engine request)
-    timings: Timings
-    steps: list[StepRecord] = field(default_factory=list)  # filled when show_top > 0
 
 
 class TextGenerator:
     """A loaded model directory: tokenizer + one variant's session + the generation front ends.
 
     Shared-KV variants generate on one continuous-batching Engine per TextGenerator (so calls
-    from several threads share its batch); optimum's concat-KV graph runs static batches. Both
-    use the engine's per-row step (`engine.Sequence`).
+    from several threads share its batch); optimum's concat-KV graph runs static batches
+    (batch.py). Both use the same per-row output step (`output.Sequence`).
     """
 
     # Settings of `engine()`, read when it is first created. engine_slots = 0: no engine, every
     # call runs its own static batch in the caller's thread (the behaviour before the engine).
-    engine_slots: int = ENGINE_SLOTS
-    engine_prefill_chunk: int = ENGINE_PREFILL_CHUNK
-    engine_prefill_budget: float | None = ENGINE_PREFILL_BUDGET
+    engine_slots: int = DEFAULTS.slots
+    engine_prefill_chunk: int = DEFAULTS.prefill_chunk
+    engine_prefill_budget: float | None = DEFAULTS.prefill_budget
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
                  device: Device, model_dir: Path) -> None:
@@ -100,7 +66,8 @@ class TextGenerator:
     @classmethod
     def load(cls, model_dir: str | Path, device: str | Device = "auto",
              precision: str | None = None, threads: int | None = None,
-             fast_load: bool = False, tf32: bool = False) -> TextGenerator:
+             fast_load: bool = False, tf32: bool = False, *,
+             manifest: Manifest | None = None) -> TextGenerator:
         """Read the manifest, the tokenizer and one variant's graph.
 
         device: "auto" (CUDA when onnxruntime-gpu can use it, else CPU), "cpu", "cuda",
@@ -112,11 +79,14 @@ class TextGenerator:
           loads in 0.5 s instead of 4.5 s and peaks at its weights' size, decoding ~6 % slower.
         tf32: allow TF32 matmuls on CUDA (faster fp32, no longer PyTorch's fp32 numbers); off
           by default (runtime/device.py DEFAULT_OPTIONS), no effect on CPU.
+        manifest: the directory's manifest when the caller already read it (read_manifest of
+          the same directory: a server checks it before listening), so it is not read again.
         """
         threads = check_threads(threads)
         fast_load = check_bool("fast_load", fast_load)
         root = Path(model_dir)
-        manifest = read_manifest(root)
+        if manifest is None:
+            manifest = read_manifest(root)
         resolved = resolve_device(device)
         variant = pick_variant(manifest, precision, resolved)
         check_cuda_variant(variant, resolved)
@@ -149,10 +119,11 @@ class TextGenerator:
         return encode_text(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        self._check_ids(ids, "ids")
+        self.check_ids(ids, "ids")
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def _check_ids(self, ids: Sequence[int], what: str) -> None:
+    def check_ids(self, ids: Sequence[int], what: str) -> None:
+        """ValueError naming `what` unless `ids` is a list of this model's token ids."""
         check_token_ids(what, ids, self.manifest.dims.vocab_size)
 
     # ------------------------------------------------------------------ public API
@@ -212,7 +183,7 @@ class TextGenerator:
         """One request's events: a TokenEvent per new token (id, text delta, logprob, top-N
         candidates), then a DoneEvent (finish reason, counts, timings). Validated here, before
         the first event; on the engine when this variant has one, else a static batch of one."""
-        self._check_ids(prompt_ids, "prompt")
+        self.check_ids(prompt_ids, "prompt")
         ids = [int(t) for t in prompt_ids]
         params.validate(self.manifest.dims)
         params.check_prompt(ids, self.manifest.dims)
@@ -226,8 +197,6 @@ class TextGenerator:
 
     def _static_events(self, prompt: str, prompt_ids: list[int], params: GenerationParams
                        ) -> Iterator[TokenEvent | DoneEvent]:
-        from gpt2_onnx.runtime.engine import DoneEvent, TokenEvent
-
         for out in self._static_batch([prompt_ids], [prompt], params):
             (ev,) = out
             if isinstance(ev, TokenEvent):
@@ -254,7 +223,7 @@ class TextGenerator:
             raise ValueError("prompt_ids: give a non-empty list of token-id lists (one per prompt)")
         rows = []
         for i, ids in enumerate(prompt_ids):
-            self._check_ids(ids, f"prompt {i}")
+            self.check_ids(ids, f"prompt {i}")
             params.check_prompt(ids, self.manifest.dims, f"prompt {i}")
             rows.append([int(t) for t in ids])
         texts = list(prompts) if prompts is not None else [self.decode(p) for p in rows]
@@ -300,16 +269,12 @@ class TextGenerator:
     def uses_engine(self) -> bool:
         """True when generation runs on the continuous-batching engine (shared-KV variants);
         False for optimum's concat-KV graph, which runs static batches."""
-        from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
-
-        return self.engine_slots > 0 and isinstance(self.decoder, SharedKVDecoder)
+        return self.engine_slots > 0 and self.decoder.variant.shared_kv
 
     def engine(self) -> Engine:
         """This generator's own engine (created on first use, shared by every thread calling
         generate/stream; its thread and KV buffers go away after ENGINE_IDLE_STOP idle seconds
         and come back on the next call). Settings: the engine_* attributes."""
-        from gpt2_onnx.runtime.engine import Engine
-
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self, slots=self.engine_slots, max_queue=ENGINE_MAX_QUEUE,
@@ -334,43 +299,10 @@ class TextGenerator:
     # ------------------------------------------------------------------ static batches
     def _static_batch(self, rows: list[list[int]], texts: list[str], params: GenerationParams
                       ) -> Iterator[list]:
-        """Rows as one static batch (all start together; the batch lives until its longest row
-        ends). Yields each step's events (one per row, None for a finished row), then the
-        results. The per-row step is the engine's `Sequence`; the decoder's padding is
-        PaddedBatch's."""
-        from gpt2_onnx.runtime.decoder import PaddedBatch
-        from gpt2_onnx.runtime.engine import Sequence as Row
-
-        seqs = [Row(self.tokenizer, self.manifest.dims, ids, params) for ids in rows]
-        t0 = time.perf_counter()
-        prefill_ms, decode_s = 0.0, 0.0
-        if params.max_new_tokens > 0:
-            batch = PaddedBatch(self.decoder, [s.feed for s in seqs], params.max_new_tokens)
-            logits = batch.prefill()  # [batch, vocab]
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            t_decode = time.perf_counter()
-            while True:
-                events = [None if s.done else s.accept(logits[r]) for r, s in enumerate(seqs)]
-                if all(s.done for s in seqs):
-                    decode_s = time.perf_counter() - t_decode
-                    yield events
-                    break
-                yield events
-                # Finished rows feed EOS (their logits are not read again).
-                logits = batch.step([s.ids[-1] if not s.done else self.manifest.dims.eos_token_id
-                                     for s in seqs])
-            del batch
-        else:
-            for s in seqs:
-                s.finish("length")
-        decoded = [max(len(s.ids) - 1, 0) for s in seqs]
-        yield [GenerationResult(
-            prompt=text, prompt_ids=ids, ids=s.ids, text=s.text,
-            finish_reason=s.finish_reason or "length",
-            timings=Timings(prefill_ms=prefill_ms, decode_ms=decode_s * 1e3,
-                            decode_tokens_per_s=n / decode_s if n and decode_s else 0.0,
-                            ttft_ms=prefill_ms),
-            steps=s.steps) for s, ids, text, n in zip(seqs, rows, texts, decoded, strict=True)]
+        """Rows as one static batch on this generator's decoder (batch.static_batch: each
+        step's events, then the results)."""
+        return static_batch(self.decoder, self.tokenizer, self.manifest.dims, rows, texts,
+                            params)
 
     def close(self) -> None:
         """Stop this generator's engine thread now (it also stops by itself when idle)."""
@@ -404,10 +336,10 @@ def pick_variant(manifest: Manifest, precision: str | None, device: Device) -> V
 def check_cuda_variant(variant: Variant, device: Device) -> None:
     """ValueError for a fused (GroupQueryAttention) variant that is not float16 on CUDA: the
     CUDA kernel of GroupQueryAttention is fp16/bf16 only, so onnxruntime would run those nodes
-    on the CPU and copy the KV buffers across every step, or fail. Read from the manifest's
-    variant (kv layout, dtype), so directories exported before the registry are checked too."""
-    if (device.name == "cuda" and variant.io.kv_layout == "shared"
-            and variant.dtype != "float16"):
+    on the CPU and copy the KV buffers across every step, or fail. The KV layout is the
+    manifest's (Variant.shared_kv, dtype), so directories exported before the registry are
+    checked too."""
+    if device.name == "cuda" and variant.shared_kv and variant.dtype != "float16":
         raise ValueError(
             f"precision {variant.precision!r} cannot run on CUDA (its GroupQueryAttention has "
             "no fp32 CUDA kernel); use precision 'fp16-fused' (export it with --precision "
@@ -416,10 +348,10 @@ def check_cuda_variant(variant: Variant, device: Device) -> None:
 
 def make_decoder(session: object, manifest: Manifest, variant: Variant,
                  device: Device) -> Decoder:
-    """The decoder of the variant's KV layout (the manifest's io says which)."""
+    """The decoder of the variant's KV layout (Variant.shared_kv)."""
     from gpt2_onnx.runtime.decoder import ConcatDecoder
 
-    if variant.io.kv_layout == "shared":
+    if variant.shared_kv:
         from gpt2_onnx.runtime.shared_kv import SharedKVDecoder
 
         return SharedKVDecoder(session, manifest.dims, variant, device)
@@ -514,8 +446,6 @@ def _request_events(request: Request) -> Iterator[TokenEvent | DoneEvent]:
 
 def _text_pieces(events: Iterator[TokenEvent | DoneEvent]) -> Iterator[str]:
     """The non-empty text deltas of a request's events (GenerationError if it failed)."""
-    from gpt2_onnx.runtime.engine import DoneEvent, GenerationError
-
     try:
         for ev in events:
             if isinstance(ev, DoneEvent):

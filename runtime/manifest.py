@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_onnx.runtime.errors import ModelDirError
+from gpt2_onnx.runtime.variants import KV_LAYOUTS
 
 MANIFEST_NAME = "gpt2-onnx.json"
 FORMAT_NAME = "gpt2-onnx"
@@ -26,12 +27,8 @@ MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few kB; refuse to parse gi
 MAX_DIM = 1 << 24  # no GPT-2 dimension comes near this; larger values are edits or damage
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-# How a variant's graph takes and returns the KV cache.
-#   "concat": past_key_values.{i}.key/value [batch, n_head, past_seq, head_dim] in, present.{i}
-#             [batch, n_head, past_seq + seq, head_dim] out (optimum's layout).
-#   "shared": one preallocated buffer per layer [batch, n_head, n_positions, head_dim], bound as
-#             both past and present and written in place (GroupQueryAttention graphs).
-KV_LAYOUTS = ("concat", "shared")
+# KV_LAYOUTS (how a graph takes and returns the KV cache) is defined with the variant registry;
+# export writes a variant's layout into its io, and the runtime asks `Variant.shared_kv`.
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,14 @@ class Variant:
     io: VariantIO
     # Thresholds verify applies to this precision (filled from measurements; see verify).
     thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shared_kv(self) -> bool:
+        """True when the graph keeps its KV cache in preallocated buffers written in place
+        (kv_layout "shared": GroupQueryAttention graphs). The runtime's one answer to "is this
+        variant shared-KV?" (decoder choice, the engine, CUDA refusal, scoring, the server):
+        read from the manifest, which records what the graph was built as."""
+        return self.io.kv_layout == "shared"
 
 
 @dataclass(frozen=True)
@@ -659,7 +664,7 @@ def check_graph_io(graph: Path, dims: ModelDims, variant: Variant,
     outs = {name: (list(shape or []), typ) for name, shape, typ in outputs}
     past, present = io.kv_inputs(dims.n_layer), io.kv_outputs(dims.n_layer)
     fed = [io.input_ids, *past, *io.extra_inputs]
-    if io.kv_layout == "concat":
+    if not variant.shared_kv:
         fed.append(io.attention_mask)
     optional = {io.position_ids}  # fed when the graph has it
     problems = []

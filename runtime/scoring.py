@@ -181,8 +181,8 @@ def batch_logits(decoder: Decoder, sequences: Sequence[Sequence[int]], *, mode: 
         raise ValueError(f"each sequence needs 1 to {decoder.dims.n_positions} tokens "
                          f"(n_positions); got lengths {sorted(set(lengths))[:5]}")
     if mode == "auto":
-        io = decoder.variant.io
-        mode = "all" if io.logits_rows == "all" or io.kv_layout == "shared" else "step"
+        variant = decoder.variant
+        mode = "all" if variant.io.logits_rows == "all" or variant.shared_kv else "step"
     if mode == "all":
         return _logits_all_rows(decoder, sequences)
     return _logits_stepwise(decoder, sequences)

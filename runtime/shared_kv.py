@@ -72,7 +72,7 @@ class SharedKVDecoder(DecoderBase):
     def __init__(self, session: ort.InferenceSession, dims: ModelDims, variant: Variant,
                  device: Device = CPU) -> None:
         io = variant.io
-        if io.kv_layout != "shared":
+        if not variant.shared_kv:
             raise ValueError(f"variant {variant.precision!r} has kv_layout {io.kv_layout!r}; "
                              "SharedKVDecoder runs 'shared' graphs only (use ConcatDecoder)")
         by_role = {role: name for name, role in io.extra_inputs.items()}

@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FAMILIES = ("optimum", "fused")  # optimum's exported graph; our GroupQueryAttention graph
-KV_LAYOUTS = ("concat", "shared")  # see manifest.KV_LAYOUTS
+# How a variant's graph takes and returns the KV cache (the manifest's io.kv_layout records it).
+#   "concat": past_key_values.{i}.key/value [batch, n_head, past_seq, head_dim] in, present.{i}
+#             [batch, n_head, past_seq + seq, head_dim] out (optimum's layout).
+#   "shared": one preallocated buffer per layer [batch, n_head, n_positions, head_dim], bound as
+#             both past and present and written in place (GroupQueryAttention graphs).
+KV_LAYOUTS = ("concat", "shared")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ class VariantSpec:
 
     name: str  # the precision as users write it: "fp32", "fp32-fused", "int8", ...
     family: str  # "optimum" (optimum's graph) or "fused" (export/fused.py's graph)
-    kv_layout: str  # "concat" or "shared" (manifest.KV_LAYOUTS)
+    kv_layout: str  # "concat" or "shared" (KV_LAYOUTS): what export writes into the manifest's
+    # io (the runtime then asks the loaded variant: manifest.Variant.shared_kv)
     weight_dtype: str  # "float32", "float16", "int8", "int4": how the matmul weights are stored
     bytes_per_param: float  # disk bytes per parameter (export's free-space estimate)
     graph: str  # file name of its .onnx graph in a model directory
@@ -119,6 +125,12 @@ def preferred(device: str) -> tuple[str, ...]:
     """Variant names suited to `device` ("cpu", "cuda"), best first."""
     ranked = [(s.preference[device], s.name) for s in REGISTRY.values() if device in s.preference]
     return tuple(n for _, n in sorted(ranked))
+
+
+def shared_kv_names() -> tuple[str, ...]:
+    """The registered shared-KV variants, in registration order (help texts and hints; a
+    model directory's own variant answers with manifest.Variant.shared_kv)."""
+    return tuple(n for n, s in REGISTRY.items() if s.kv_layout == "shared")
 
 
 def genai_preferred() -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2_onnx.serve.server import ServeOptions, check_model_dir
+from gpt2_onnx.serve.host import EngineHost, ModelPlan, ServeOptions, plan_model
 
 # Serve forwards its own logger's records from replicas to the driver (and to the replica's log
 # file); the ready line names the replica, its pid and its node, to find its logs.
@@ -104,36 +104,31 @@ class RayOptions:
 
 
 class Gpt2OnnxReplica:
-    """One replica: checks the directory, loads the engine, serves `create_app`'s routes."""
+    """One replica: checks the directory, hosts the engine (host.EngineHost, as `gpt2-onnx
+    serve` does), serves `create_app`'s routes."""
 
     def __init__(self, settings: dict[str, Any], check_hashes: bool = True) -> None:
-        from gpt2_onnx.runtime.engine import Engine
-        from gpt2_onnx.runtime.generator import TextGenerator
-        from gpt2_onnx.runtime.manifest import check_files, read_manifest
-        from gpt2_onnx.serve.routes import ServerState
+        from gpt2_onnx.runtime.manifest import check_files
 
         opts = _serve_options(settings)
         self.replica = _replica_id()
         start = time.perf_counter()
+        plan = plan_model(opts)  # the manifest, read once for the whole replica
         if check_hashes:
-            check_files(opts.model_dir, read_manifest(opts.model_dir))  # ModelDirError: fail
-        precision = check_model_dir(opts)
-        gen = TextGenerator.load(opts.model_dir, device=opts.device, precision=precision,
-                                 threads=opts.threads)
-        self.engine = Engine(gen, slots=opts.slots, max_queue=opts.max_queue,
-                             prefill_chunk=opts.prefill_chunk).start()
-        model_id = opts.model_id or Path(opts.model_dir).resolve().name
-        self.state = ServerState.for_engine(self.engine, model_id, api_key=opts.api_key,
-                                            log_prompts=opts.log_prompts)
+            check_files(opts.model_dir, plan.manifest)  # ModelDirError: the replica fails
+        self.host = EngineHost(opts, plan)
+        self.engine = self.host.load()
+        self.host.expose()
+        self.state = self.host.state
+        gen = self.host.generator
+        assert gen is not None
         log.info("gpt2-onnx replica %s ready in %.1f s (%s, %s, %d slots, pid %d on %s)",
                  self.replica, time.perf_counter() - start, gen.device, gen.precision,
                  opts.slots, os.getpid(), socket.gethostname())
 
     def __serve_build_asgi_app__(self) -> Any:
         """The app of `gpt2-onnx serve` over this replica's state, plus the replica header."""
-        from gpt2_onnx.serve.app import create_app
-
-        app = create_app(self.state)
+        app = self.host.app()
         app.add_middleware(ReplicaHeader, value=self.replica)
         return app
 
@@ -144,9 +139,9 @@ class Gpt2OnnxReplica:
                                f"closed={self.engine.closed}")
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close(grace=0)
+        host = getattr(self, "host", None)
+        if host is not None:
+            host.close(grace=0)
 
 
 class ReplicaHeader:
@@ -189,12 +184,14 @@ def _serve_options(settings: dict[str, Any]) -> ServeOptions:
 # ------------------------------------------------------------------------------ the application
 
 
-def build_app(opts: RayOptions) -> Any:
-    """The Serve application (`serve.run` it, or return it from an application builder)."""
+def build_app(opts: RayOptions, plan: ModelPlan | None = None) -> Any:
+    """The Serve application (`serve.run` it, or return it from an application builder).
+    plan: the directory already checked (plan_model), else checked here."""
     from ray import serve
 
     opts.validate()
-    check_model_dir(opts.serve)  # a wrong directory fails here, before any replica starts
+    if plan is None:
+        plan_model(opts.serve)  # a wrong directory fails here, before any replica starts
     settings = asdict(opts.serve)
     settings["model_dir"] = str(Path(opts.serve.model_dir).resolve())
     settings["threads"] = opts.threads  # onnxruntime's threads = the CPUs Ray reserved
@@ -233,7 +230,7 @@ def run(opts: RayOptions, say: Callable[[str], None]) -> int:
     from ray import serve
 
     opts.validate()
-    check_model_dir(opts.serve)
+    plan = plan_model(opts.serve)  # before Ray starts: a wrong directory fails at once
     port = opts.serve.port or _free_port(opts.serve.host)
     address = opts.address or os.environ.get("RAY_ADDRESS")
     own_ray = not address  # a cluster we joined keeps Serve; one started here goes with us
@@ -253,7 +250,7 @@ def run(opts: RayOptions, say: Callable[[str], None]) -> int:
             f"{opts.serve.max_queue}); starting replicas")
         start = time.perf_counter()
         try:
-            serve.run(build_app(opts), name=APP_NAME, route_prefix="/")
+            serve.run(build_app(opts, plan), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start: Serve's message names why
             say(f"error: the application failed to deploy: {exc}")
             return 1

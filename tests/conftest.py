@@ -1,4 +1,5 @@
-"""Shared fixtures: small models exported once per test session.
+"""Shared fixtures and helpers: small models exported once per test session, one loaded tiny
+generator, private copies of a model directory to damage, and the CLI as a user meets it.
 
 Every fixture builds what it needs (nothing large is committed): the `tiny` random-init preset and
 a non-standard local checkpoint (5 layers, 4 heads, width 128, 512 positions).
@@ -8,13 +9,20 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+# The CLI as a user runs it: the `gpt2-onnx` entry point in a fresh interpreter, a wide plain
+# terminal (no colour, no wrapping) so one-line errors stay one line.
+CLI_LAUNCH = [sys.executable, "-c",
+              "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"]
+ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 ODD_SHAPE = dict(n_layer=5, n_head=4, n_embd=128, n_positions=512, initializer_range=0.3)
 
 
@@ -126,3 +134,80 @@ def interrupt_streamed_generate(launcher: list[str], model_dir: Path, text: str,
     if out:  # the interrupted prompt: its text so far, flushed, then a newline
         assert out.endswith("\n") and out.startswith(prompt), out[:200]
         assert text.startswith(out[len(prompt):-1]), out[:200]
+
+
+# ------------------------------------------------------------------ a loaded tiny generator
+
+
+@pytest.fixture(scope="session")
+def tiny_gen(tiny_dir: Path):
+    """The tiny export loaded once (its preferred CPU variant, one thread), shared by every test
+    that only reads it; a test that changes a generator's settings loads its own."""
+    from gpt2_onnx.runtime.generator import TextGenerator
+
+    return TextGenerator.load(tiny_dir, device="cpu", threads=1)
+
+
+# ------------------------------------------------------------------ model directories to damage
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path_factory.mktemp("pristine") / "model"))
+
+
+def private_copy(pristine: Path, dest: Path) -> Path:
+    """A copy of `pristine` whose model.onnx is a hard link (26 MB not copied per test): a test
+    may damage any file in it but must never write into model.onnx."""
+    def copy(src: str, dst: str) -> None:
+        if Path(src).name == "model.onnx":
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    return Path(shutil.copytree(pristine, dest, copy_function=copy))
+
+
+@pytest.fixture
+def model(tmp_path: Path, pristine: Path) -> Path:
+    """A private copy of the tiny export (see `private_copy`)."""
+    return private_copy(pristine, tmp_path / "model")
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner(env=ENV)
+
+
+def invoke(runner, *args: object):
+    """`gpt2-onnx ARGS` in-process; anything but a clean exit would be a user's traceback."""
+    from gpt2_onnx.cli import app
+
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception is not None:
+        assert isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def one_line_error(stderr: str, stdout: str = "") -> str:
+    """The one `error:` line a user error prints (no traceback, nothing else on stderr)."""
+    assert "Traceback" not in stderr + stdout, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:"), lines[0]
+    return lines[0]
+
+
+def run_cli(*args: object, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """`gpt2-onnx ARGS` as a real process (bytes arguments pass as they are; output in bytes
+    unless `text=True`)."""
+    return subprocess.run([*CLI_LAUNCH, *[a if isinstance(a, bytes) else str(a) for a in args]],
+                          capture_output=True, timeout=timeout, env={**os.environ, **ENV},
+                          **kwargs)

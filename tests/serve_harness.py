@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-LAUNCH = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+LAUNCH = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @contextlib.contextmanager

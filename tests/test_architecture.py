@@ -39,7 +39,7 @@ BLOCK_ORT = "import sys\nsys.modules['onnxruntime'] = None\n"
 def run_cli(*args: str, prelude: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
     """`gpt2-onnx ARGS` in a fresh interpreter; `prelude` runs first (to block or break code)."""
     code = (f"import sys\n{textwrap.dedent(prelude)}\nsys.argv = ['gpt2-onnx', *{list(args)!r}]\n"
-            "from gpt2_onnx.runtime.cli import main\nmain()\n")
+            "from gpt2_onnx.cli import main\nmain()\n")
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -275,7 +275,7 @@ def test_internal_errors_say_they_are_internal(tiny_dir: Path) -> None:
 def test_decoder_invariants_are_internal_errors(tiny_dir: Path) -> None:
     assert issubclass(DecoderInputError, InternalError)
     assert issubclass(DecoderInputError, ValueError)  # callers of a decoder may catch it so
-    from gpt2_onnx.runtime.cli import is_user_error
+    from gpt2_onnx.cli.common import is_user_error
 
     assert not is_user_error(DecoderInputError("x"))
     assert is_user_error(ModelDirError("x"))

@@ -104,7 +104,7 @@ def test_bench_runs_with_torch_blocked(tiny_dir: Path) -> None:
 def test_cli_bench_json(tiny_dir):
     from typer.testing import CliRunner
 
-    from gpt2_onnx.runtime.cli import app
+    from gpt2_onnx.cli import app
     r = CliRunner().invoke(app, ["bench", str(tiny_dir), "--contexts", "4", "--new-tokens", "3",
                                  "--batch", "2", "--prompt-tokens", "8", "--threads", "1",
                                  "--json"])

@@ -126,6 +126,20 @@ def test_table_cells_show_the_median_and_the_spread() -> None:
     assert run_bench.cell(None) == "—"
 
 
+def test_the_chart_is_skipped_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
+    """A machine with the README's runtime extras but no matplotlib (issue 31): the benchmark
+    still writes its tables and skips the chart, never a ModuleNotFoundError after the run."""
+    import chart
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` -> ImportError
+    assert chart.pyplot_or_none() is None
+    assert chart.plot({"summary": {}}, tmp_path / "bench.png") is None
+    assert not (tmp_path / "bench.png").exists()
+    assert "matplotlib" in chart.NO_MATPLOTLIB and ".[bench]" in chart.NO_MATPLOTLIB
+
+
 def test_markdown_and_chart_from_a_summarized_run(tmp_path: Path) -> None:
     from chart import plot
 

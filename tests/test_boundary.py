@@ -35,7 +35,7 @@ def test_runtime_generates_with_heavy_modules_blocked(tiny_dir: Path) -> None:
     code = BLOCK + textwrap.dedent(f"""
         import json
         from gpt2_onnx.runtime.generator import TextGenerator
-        import gpt2_onnx.runtime.cli
+        import gpt2_onnx.cli
         gen = TextGenerator.load({str(tiny_dir)!r}, device="cpu")
         res = gen.generate("Paris will", greedy=True, max_new_tokens=8)
         pieces = list(gen.stream("Paris will", seed=1, max_new_tokens=8))
@@ -53,7 +53,7 @@ def test_cli_generates_with_heavy_modules_blocked(tiny_dir: Path) -> None:
     code = BLOCK + textwrap.dedent(f"""
         sys.argv = ["gpt2-onnx", "generate", {str(tiny_dir)!r}, "Paris will", "--greedy",
                     "--max-new-tokens", "5", "--json"]
-        from gpt2_onnx.runtime.cli import main
+        from gpt2_onnx.cli import main
         main()
     """)
     proc = run_python(code)
@@ -66,18 +66,18 @@ def test_nothing_heavy_is_imported_by_the_runtime(tiny_dir: Path) -> None:
     code = f"""
         import sys
         import gpt2_onnx.runtime
-        import gpt2_onnx.runtime.cli
+        import gpt2_onnx.cli
         from gpt2_onnx.runtime.generator import TextGenerator
-        from gpt2_onnx.runtime.cli import app
+        from gpt2_onnx.cli import app
         from typer.testing import CliRunner
         gen = TextGenerator.load({str(tiny_dir)!r}, device="cpu")
         gen.generate(["Paris will", "a"], max_new_tokens=4, seed=0, show_top=2)
         list(gen.stream("Paris will", max_new_tokens=4, seed=0))
         r = CliRunner().invoke(app, ["generate", {str(tiny_dir)!r}, "x", "--max-new-tokens", "2"])
         assert r.exit_code == 0, r.output
-        # The CLI registers the export commands (gpt2_onnx.export.cli and the builder table,
+        # The CLI registers the export commands (gpt2_onnx.cli.export reads the builder table,
         # both light); nothing that converts or verifies is imported.
-        light = {{"gpt2_onnx.export", "gpt2_onnx.export.cli", "gpt2_onnx.export.builders"}}
+        light = {{"gpt2_onnx.export", "gpt2_onnx.export.builders"}}
         heavy = sorted(m for m in sys.modules
                        if m.split(".")[0] in {HEAVY!r} + ("onnx",)
                        or (m.startswith("gpt2_onnx.export") and m not in light))
@@ -192,7 +192,7 @@ def test_server_runs_with_heavy_modules_blocked(tiny_fused_dir: Path, tmp_path: 
                                 or m.split(".")[0] == "ray" or m == "gpt2_onnx.serve.ray_app"))
             print("HEAVY", heavy, file=sys.stderr, flush=True)
         atexit.register(report)
-        from gpt2_onnx.runtime.cli import main
+        from gpt2_onnx.cli import main
         sys.argv = ["gpt2-onnx", "serve", {dir!r}, "--port", "0", "--threads", "1"]
         main()
     """).replace("{HEAVY!r}", repr(HEAVY)).replace("{dir!r}", repr(str(tiny_fused_dir)))

@@ -10,51 +10,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    CLI_LAUNCH,
+    ENV,
+    interrupt_streamed_generate,
+    invoke,
+    one_line_error,
+    run_cli,
+)
 from typer.testing import CliRunner
 
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.generator import TextGenerator
 
-ENV = {"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 JSON_KEYS = {"prompt", "prompt_ids", "ids", "text", "finish_reason", "timings"}
-
-
-@pytest.fixture(scope="module")
-def runner() -> CliRunner:
-    return CliRunner(env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tiny_gen(tiny_dir: Path) -> TextGenerator:
-    return TextGenerator.load(tiny_dir, device="cpu")
-
-
-def invoke(runner: CliRunner, *args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    # Anything but a clean exit (SystemExit) would have been a traceback for the user.
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def run_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     code = ("import sys\nsys.argv = ['gpt2-onnx', *sys.argv[1:]]\n"
-            "from gpt2_onnx.runtime.cli import main\nmain()\n")
+            "from gpt2_onnx.cli import main\nmain()\n")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **ENV})
-
-
-def assert_one_line_error(stderr: str, stdout: str = "") -> str:
-    assert "Traceback" not in stderr + stdout
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error:")
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------ tokens
@@ -77,7 +60,7 @@ def test_decode(runner: CliRunner, tiny_dir: Path) -> None:
 def test_decode_out_of_range_id(runner: CliRunner, tiny_dir: Path) -> None:
     result = invoke(runner, "decode", tiny_dir, "50257")
     assert result.exit_code != 0
-    line = assert_one_line_error(result.stderr)
+    line = one_line_error(result.stderr)
     assert "50257" in line and "[0, 50256]" in line
 
 
@@ -196,10 +179,10 @@ def test_info_check_files_detects_a_flipped_byte(runner: CliRunner, tiny_dir: Pa
     graph.write_bytes(bytes(data))
     bad = invoke(runner, "info", model_dir, "--check-files")
     assert bad.exit_code != 0
-    line = assert_one_line_error(bad.stderr)
+    line = one_line_error(bad.stderr)
     assert "model.onnx" in line
     proc = run_process("info", model_dir, "--check-files")
-    assert proc.returncode != 0 and "model.onnx" in assert_one_line_error(proc.stderr)
+    assert proc.returncode != 0 and "model.onnx" in one_line_error(proc.stderr)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -210,16 +193,16 @@ def test_missing_model_dir(runner: CliRunner, tmp_path: Path) -> None:
     for args in (("generate", missing, "hi"), ("tokenize", missing, "hi"), ("info", missing)):
         result = invoke(runner, *args)
         assert result.exit_code != 0
-        assert str(missing) in assert_one_line_error(result.stderr)
+        assert str(missing) in one_line_error(result.stderr)
     proc = run_process("generate", missing, "hi")
     assert proc.returncode != 0
-    assert str(missing) in assert_one_line_error(proc.stderr, proc.stdout)
+    assert str(missing) in one_line_error(proc.stderr, proc.stdout)
 
 
 def test_directory_without_manifest(runner: CliRunner, tmp_path: Path) -> None:
     result = invoke(runner, "generate", tmp_path, "hi")
     assert result.exit_code != 0
-    line = assert_one_line_error(result.stderr)
+    line = one_line_error(result.stderr)
     assert "gpt2-onnx.json" in line and "gpt2-onnx export" in line
 
 
@@ -235,14 +218,14 @@ def test_bad_settings_one_line(runner: CliRunner, tiny_dir: Path, args: list[str
     for extra in ([], ["--json"]):
         result = invoke(runner, "generate", tiny_dir, "Paris will", *args, *extra)
         assert result.exit_code != 0
-        assert expected in assert_one_line_error(result.stderr)
+        assert expected in one_line_error(result.stderr)
         assert result.stdout == ""  # nothing printed before the error
 
 
 def test_bad_top_k_in_a_real_process(tiny_dir: Path) -> None:
     proc = run_process("generate", tiny_dir, "Paris will", "--top-k", "0")
     assert proc.returncode != 0
-    assert "top_k" in assert_one_line_error(proc.stderr, proc.stdout)
+    assert "top_k" in one_line_error(proc.stderr, proc.stdout)
     assert proc.stdout == ""
 
 
@@ -253,19 +236,118 @@ def test_cuda_on_a_cpu_only_machine_says_what_to_install(tiny_dir: Path) -> None
         pytest.skip("this onnxruntime has CUDA")
     proc = run_process("generate", tiny_dir, "Paris will", "--device", "cuda")
     assert proc.returncode != 0
-    line = assert_one_line_error(proc.stderr, proc.stdout)
+    line = one_line_error(proc.stderr, proc.stdout)
     assert "onnxruntime-gpu" in line and "gpt2-onnx[gpu]" in line and "--device cpu" in line
 
 
 def test_unknown_device(runner: CliRunner, tiny_dir: Path) -> None:
     result = invoke(runner, "generate", tiny_dir, "Paris will", "--device", "tpu")
     assert result.exit_code != 0
-    line = assert_one_line_error(result.stderr)
+    line = one_line_error(result.stderr)
     assert "tpu" in line and "cpu" in line
 
 
 def test_unknown_precision(runner: CliRunner, tiny_dir: Path) -> None:
     result = invoke(runner, "generate", tiny_dir, "Paris will", "--precision", "int3")
     assert result.exit_code != 0
-    line = assert_one_line_error(result.stderr)
+    line = one_line_error(result.stderr)
     assert "int3" in line and "fp32" in line
+
+
+# ------------------------------------------------ from the hostile pass of issue 19
+
+
+N_POSITIONS = 256  # the tiny preset
+
+
+def test_tokenize_invalid_utf8_argument_is_one_line(tiny_dir: Path) -> None:
+    for command in ("tokenize", "generate"):
+        proc = run_cli(command, tiny_dir, b"ab\xffcd", text=False)
+        assert proc.returncode == 1
+        line = one_line_error(proc.stderr.decode(), proc.stdout.decode())
+        assert "0xFF" in line and "UTF-8" in line, line
+
+
+@pytest.mark.parametrize("args", [["tokenize", "{dir}", "Hi"],
+                                  ["generate", "{dir}", "Hi", "--max-new-tokens", "3"],
+                                  ["generate", "{dir}", "Hi", "--max-new-tokens", "3", "--json"],
+                                  ["info", "{dir}"]])
+@pytest.mark.parametrize("where", ["closed", "/dev/full"])
+def test_unwritable_stdout_is_one_line(tiny_dir: Path, args: list[str], where: str) -> None:
+    argv = [a.replace("{dir}", str(tiny_dir)) for a in args]
+    if where == "closed":
+        proc = subprocess.run([*CLI_LAUNCH, *argv], stdin=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, **ENV},
+                              preexec_fn=lambda: os.close(1))
+    else:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([*CLI_LAUNCH, *argv], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=120, env={**os.environ, **ENV})
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write to stdout" in one_line_error(proc.stderr)
+
+
+def test_streamed_prompts_all_checked_before_any_output(runner: CliRunner, tiny_dir: Path) -> None:
+    long_prompt = " the" * (N_POSITIONS + 10)
+    result = invoke(runner, "generate", tiny_dir, "Hi", long_prompt, "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    assert result.stdout == ""  # not even the first prompt
+    line = one_line_error(result.stderr)
+    assert "prompt 1 has 266 tokens" in line, line
+
+
+def test_score_json_on_an_empty_file_is_strict_json(runner: CliRunner, tiny_dir: Path,
+                                                    tmp_path: Path) -> None:
+    empty, text = tmp_path / "empty.txt", tmp_path / "text.txt"
+    empty.write_text("")
+    text.write_text("Paris will be")
+
+    def strict(line: str) -> dict:
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+
+    for files, total_null in (([empty], True), ([empty, text], False)):
+        result = invoke(runner, "score", tiny_dir, *files, "--json", "--threads", "1")
+        assert result.exit_code == 0, result.stderr
+        lines = [strict(ln) for ln in result.stdout.splitlines()]
+        assert lines[0]["perplexity"] is None and "empty" in lines[0]["note"]
+        assert (lines[-1]["perplexity"] is None) == total_null
+
+
+def test_sigint_while_importing_exits_130(tiny_dir: Path) -> None:
+    """Ctrl-C while the CLI's modules import (typer, rich, then numpy and tokenizers for the
+    command). A watcher thread in the child says when the CLI's first lines have run (its
+    handler replaced Python's): what came before is Python's own startup, outside our reach."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        def watch():
+            while signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                time.sleep(0.0005)
+            os.write(1, b"R")
+        threading.Thread(target=watch, daemon=True).start()
+        sys.argv = ["gpt2-onnx", "tokenize", {str(tiny_dir)!r}, "hi"]
+        from gpt2_onnx.cli import main
+        main()
+        """)
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            assert os.read(proc.stdout.fileno(), 1) == b"R"
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode == 0:  # finished before the signal: nothing to check at this delay
+            continue
+        assert proc.returncode == 130, (delay, err.decode())
+        assert b"Traceback" not in err, (delay, err.decode())
+
+
+def test_sigterm_during_generate_exits_143_with_the_partial_output(tiny_gen: TextGenerator,
+                                                                   tiny_dir: Path) -> None:
+    text = tiny_gen.generate("Paris will", max_new_tokens=200, greedy=True).text
+    interrupt_streamed_generate(CLI_LAUNCH, tiny_dir, text, signal.SIGTERM, 143)

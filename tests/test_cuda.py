@@ -36,7 +36,7 @@ HAS_CUDA_PROVIDER = CUDA_PROVIDER in ort.get_available_providers()
 
 def with_fp16(src: Path, dst: Path) -> Path:
     """A copy of the model directory `src` with the fp16 variant added."""
-    from gpt2_onnx.export.fp16 import add_fp16_variant
+    from gpt2_onnx.export.pipeline import add_fp16_variant
 
     shutil.copytree(src, dst)
     add_fp16_variant(dst)
@@ -230,7 +230,7 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
     import onnx
     from onnx import TensorProto
 
-    from gpt2_onnx.export.fp16 import LAST_LOGITS
+    from gpt2_onnx.export.graph_edit import LAST_LOGITS
     from gpt2_onnx.runtime.manifest import read_manifest
     from gpt2_onnx.runtime.variants import THRESHOLDS
 
@@ -269,7 +269,7 @@ def test_fp16_graph_io_and_fp32_islands(tiny_fp16_dir: Path) -> None:
 
 
 def test_fp16_last_logits_output_is_last_row(tiny_fp16_dir: Path) -> None:
-    from gpt2_onnx.export.fp16 import LAST_LOGITS
+    from gpt2_onnx.export.graph_edit import LAST_LOGITS
 
     sess = ort.InferenceSession(str(tiny_fp16_dir / "model-fp16.onnx"),
                                 providers=["CPUExecutionProvider"])
@@ -293,7 +293,8 @@ def test_fp16_added_to_a_directory_exported_before_last_row_logits(tiny_dir: Pat
 
     import onnx
 
-    from gpt2_onnx.export.fp16 import LAST_LOGITS, add_fp16_variant
+    from gpt2_onnx.export.graph_edit import LAST_LOGITS
+    from gpt2_onnx.export.pipeline import add_fp16_variant
     from gpt2_onnx.runtime.manifest import file_entries, read_manifest
 
     old = tmp_path / "old"
@@ -427,7 +428,7 @@ def test_auto_resolves_to_cpu_without_cuda_provider() -> None:
 
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="onnxruntime here has the CUDA provider")
 def test_device_cuda_without_gpu_fails_with_one_line(tiny_dir: Path) -> None:
-    cli = [sys.executable, "-c", "from gpt2_onnx.runtime.cli import main; main()"]
+    cli = [sys.executable, "-c", "from gpt2_onnx.cli import main; main()"]
     env = {**os.environ, "COLUMNS": "80"}  # a narrow terminal must not wrap the message
     proc = subprocess.run([*cli, "generate", str(tiny_dir), "Paris will", "--device", "cuda",
                            "--max-new-tokens", "2"], capture_output=True, text=True, env=env,

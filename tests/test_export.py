@@ -276,7 +276,7 @@ def run_cli(*args: str, prelude: str = "", timeout: float = 120, cwd: Path | Non
             ) -> subprocess.CompletedProcess:
     """`gpt2-onnx ARGS` in a fresh interpreter; `prelude` runs first (e.g. to block modules)."""
     code = (f"import sys\n{prelude}\nsys.argv = ['gpt2-onnx', *{list(args)!r}]\n"
-            "from gpt2_onnx.runtime.cli import main\nmain()\n")
+            "from gpt2_onnx.cli import main\nmain()\n")
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)

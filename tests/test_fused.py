@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
-from gpt2_onnx.export import fused  # noqa: E402
+from gpt2_onnx.export import fused, graph_edit  # noqa: E402
 from gpt2_onnx.runtime.manifest import ModelDims  # noqa: E402
 from gpt2_onnx.runtime.shared_kv import SharedKVDecoder  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_quantized_variants_track_transformers(models, decoders, shape, precisio
 
 def test_external_data_file(models, tmp_path, monkeypatch):
     """Large models stream their weights into model-<precision>.onnx.data; same logits."""
-    monkeypatch.setattr(fused, "EXTERNAL_DATA_MIN_BYTES", 0)
+    monkeypatch.setattr(graph_edit, "EXTERNAL_DATA_BYTES", 0)
     decoder = _decoder(models["tiny"], tmp_path, "fp32")
     assert decoder.variant.data == ("model-fp32.onnx.data",)
     assert (tmp_path / "model-fp32.onnx").stat().st_size < 100_000

@@ -19,9 +19,9 @@ import tomllib
 from conftest import export_dir
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.export import genai
 from gpt2_onnx.runtime import TextGenerator
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.manifest import check_files, read_manifest
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -46,10 +46,10 @@ def tiny_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def odd_fused(tmp_path_factory: pytest.TempPathFactory, odd_checkpoint: Path) -> Path:
     """The odd-shape checkpoint (5 layers, 4 heads, head_dim 32) with fused variants whose
     weights go to external data files, as gpt2-large's do."""
-    from gpt2_onnx.export import fused
+    from gpt2_onnx.export import graph_edit
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "EXTERNAL_DATA_MIN_BYTES", 0)
+        mp.setattr(graph_edit, "EXTERNAL_DATA_BYTES", 0)
         return export_dir(tmp_path_factory.mktemp("interop-odd") / "odd-fused",
                           source=str(odd_checkpoint), precisions=("fp32", "fp32-fused", "int4"))
 
@@ -291,7 +291,7 @@ def test_runtime_runs_with_genai_and_optimum_blocked(tiny_all: Path) -> None:
         import sys
         sys.modules.update(onnxruntime_genai=None, optimum=None)
         from gpt2_onnx.runtime import TextGenerator
-        import gpt2_onnx.runtime.cli
+        import gpt2_onnx.cli
         for precision in {list(ALL)!r}:
             gen = TextGenerator.load({str(tiny_all)!r}, device="cpu", precision=precision)
             gen.generate(["Paris will", "a"], max_new_tokens=3, greedy=True)

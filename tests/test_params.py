@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from conftest import invoke
 
 from gpt2_onnx.runtime import ContextLengthError, GenerationParams, ParameterError
 from gpt2_onnx.runtime.manifest import ModelDims
@@ -111,10 +112,7 @@ def test_http_conventions_map_once() -> None:
     assert plain.sampling.top_k is None and plain.stop == ("END",) and plain.top_n == 0
 
 
-def test_cli_options_give_the_same_params(tiny_dir: Path, monkeypatch) -> None:
-    from typer.testing import CliRunner
-
-    from gpt2_onnx.runtime.cli import app  # the lead's CLI layer may move this (gpt2_onnx.cli)
+def test_cli_options_give_the_same_params(tiny_dir: Path, runner, monkeypatch) -> None:
     from gpt2_onnx.runtime.generator import TextGenerator
 
     seen: list[GenerationParams] = []
@@ -124,53 +122,42 @@ def test_cli_options_give_the_same_params(tiny_dir: Path, monkeypatch) -> None:
         return []
 
     monkeypatch.setattr(TextGenerator, "generate", fake_generate)
-    res = CliRunner().invoke(app, [
-        "generate", str(tiny_dir), "Paris will", "--json", "--max-new-tokens", "7",
-        "--top-k", "20", "--top-p", "0.8", "--temperature", "0.5", "--repetition-penalty",
-        "1.2", "--seed", "3", "--stop", "\n", "--stop", ".", "--show-top", "2"])
+    res = invoke(runner, "generate", tiny_dir, "Paris will", "--json", "--max-new-tokens", 7,
+                 "--top-k", 20, "--top-p", 0.8, "--temperature", 0.5, "--repetition-penalty",
+                 1.2, "--seed", 3, "--stop", "\n", "--stop", ".", "--show-top", 2)
     assert res.exit_code == 0, res.output
     assert seen == [GenerationParams.from_keywords(
         max_new_tokens=7, top_k=20, top_p=0.8, temperature=0.5, repetition_penalty=1.2,
         seed=3, stop=["\n", "."], show_top=2)]
 
 
-def test_params_argument_equals_the_keywords(tiny_dir: Path) -> None:
-    from gpt2_onnx.runtime.generator import TextGenerator
-
-    gen = TextGenerator.load(tiny_dir, device="cpu", threads=1)
-    try:
-        kw = dict(max_new_tokens=5, top_k=10, seed=1)
-        assert gen.params(**kw) == GenerationParams.from_keywords(**kw)
-        by_keywords = gen.generate("Paris will", **kw)
-        by_params = gen.generate("Paris will", params=GenerationParams.from_keywords(**kw))
-        assert by_params.ids == by_keywords.ids
-        assert "".join(gen.stream("Paris will", params=gen.params(**kw))) == by_keywords.text
-    finally:
-        gen.close()
+def test_params_argument_equals_the_keywords(tiny_gen) -> None:
+    gen = tiny_gen
+    kw = dict(max_new_tokens=5, top_k=10, seed=1)
+    assert gen.params(**kw) == GenerationParams.from_keywords(**kw)
+    by_keywords = gen.generate("Paris will", **kw)
+    by_params = gen.generate("Paris will", params=GenerationParams.from_keywords(**kw))
+    assert by_params.ids == by_keywords.ids
+    assert "".join(gen.stream("Paris will", params=gen.params(**kw))) == by_keywords.text
 
 
-def test_readme_python_calls_still_work(tiny_dir: Path) -> None:
+def test_readme_python_calls_still_work(tiny_gen) -> None:
     """The README's Python API forms: keywords, greedy streaming, a batch, show_top, sampling=."""
-    from gpt2_onnx.runtime.generator import TextGenerator
-
-    gen = TextGenerator.load(tiny_dir, device="cpu", threads=1)
-    try:
-        result = gen.generate("Paris will", max_new_tokens=4, top_k=50, seed=0)
-        assert len(result.ids) <= 4
-        pieces = list(gen.stream("London was", max_new_tokens=4, greedy=True))
-        assert "".join(pieces) == gen.generate("London was", max_new_tokens=4, greedy=True).text
-        results = gen.generate(["Paris will", "A much longer prompt here"], greedy=True,
-                               max_new_tokens=2)
-        assert len(results) == 2
-        explained = gen.generate("Paris will", greedy=True, max_new_tokens=3, show_top=5)
-        assert [len(step.candidates) for step in explained.steps] == [5] * len(explained.ids)
-        by_object = gen.generate("Paris will", max_new_tokens=4, seed=2,
-                                 sampling=SamplingSettings(top_k=40, temperature=0.8))
-        by_keywords = gen.generate("Paris will", max_new_tokens=4, seed=2, top_k=40,
-                                   temperature=0.8)
-        assert by_object.ids == by_keywords.ids
-    finally:
-        gen.close()
+    gen = tiny_gen
+    result = gen.generate("Paris will", max_new_tokens=4, top_k=50, seed=0)
+    assert len(result.ids) <= 4
+    pieces = list(gen.stream("London was", max_new_tokens=4, greedy=True))
+    assert "".join(pieces) == gen.generate("London was", max_new_tokens=4, greedy=True).text
+    results = gen.generate(["Paris will", "A much longer prompt here"], greedy=True,
+                           max_new_tokens=2)
+    assert len(results) == 2
+    explained = gen.generate("Paris will", greedy=True, max_new_tokens=3, show_top=5)
+    assert [len(step.candidates) for step in explained.steps] == [5] * len(explained.ids)
+    by_object = gen.generate("Paris will", max_new_tokens=4, seed=2,
+                             sampling=SamplingSettings(top_k=40, temperature=0.8))
+    by_keywords = gen.generate("Paris will", max_new_tokens=4, seed=2, top_k=40,
+                               temperature=0.8)
+    assert by_object.ids == by_keywords.ids
 
 
 # ------------------------------------------------------------------- errors carry the name
@@ -266,18 +253,13 @@ def test_a_keyword_typo_is_a_type_error_naming_it() -> None:
     assert exc.value.param == "params"
 
 
-def test_generator_methods_refuse_typos(tiny_dir: Path) -> None:
-    from gpt2_onnx.runtime.generator import TextGenerator
-
-    gen = TextGenerator.load(tiny_dir, device="cpu", threads=1)
-    try:
-        for call in (lambda: gen.generate("Hi", max_new_token=2),
-                     lambda: gen.validate("Hi", max_new_token=2),
-                     lambda: gen.stream("Hi", max_new_token=2),
-                     lambda: gen.generate_ids([[1, 2]], max_new_token=2),
-                     lambda: gen.params(max_new_token=2)):
-            with pytest.raises(TypeError, match="'max_new_token'; did you mean "
-                                                "'max_new_tokens'"):
-                call()
-    finally:
-        gen.close()
+def test_generator_methods_refuse_typos(tiny_gen) -> None:
+    gen = tiny_gen
+    for call in (lambda: gen.generate("Hi", max_new_token=2),
+                 lambda: gen.validate("Hi", max_new_token=2),
+                 lambda: gen.stream("Hi", max_new_token=2),
+                 lambda: gen.generate_ids([[1, 2]], max_new_token=2),
+                 lambda: gen.params(max_new_token=2)):
+        with pytest.raises(TypeError, match="'max_new_token'; did you mean "
+                                            "'max_new_tokens'"):
+            call()

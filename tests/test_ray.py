@@ -32,7 +32,7 @@ import pytest
 from gpt2_onnx.runtime.errors import ModelDirError
 
 HEADER = "x-gpt2-onnx-replica"
-LAUNCH = "import sys\nfrom gpt2_onnx.runtime.cli import main\nsys.argv[0] = 'gpt2-onnx'\nmain()\n"
+LAUNCH = "import sys\nfrom gpt2_onnx.cli import main\nsys.argv[0] = 'gpt2-onnx'\nmain()\n"
 BODIES = [  # sampled with a seed, and greedy
     {"prompt": "Paris will", "max_tokens": 24, "temperature": 0.9, "seed": 7},
     {"prompt": "The quick brown", "max_tokens": 16, "temperature": 0.7, "top_p": 0.9,

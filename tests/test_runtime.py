@@ -42,11 +42,6 @@ def long_prompt(gen: TextGenerator, n_tokens: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_gen(tiny_dir: Path) -> TextGenerator:
-    return TextGenerator.load(tiny_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def odd_gen(odd_dir: Path) -> TextGenerator:
     return TextGenerator.load(odd_dir, device="cpu")
 

@@ -34,7 +34,7 @@ from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 KEY = "test-key-123"
 SLOTS, MAX_QUEUE = 3, 2
 N_POSITIONS = 256  # the tiny preset's context
-LAUNCH = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+LAUNCH = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 # ------------------------------------------------------------------------------ harness

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export_dir
+from conftest import (
+    export_dir,
+    invoke,
+    one_line_error,
+    run_cli,
+)
 from typer.testing import CliRunner, Result
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.export import verify
-from gpt2_onnx.runtime.cli import app
+from gpt2_onnx.runtime import manifest as mf
+from gpt2_onnx.runtime.generator import TextGenerator
 from gpt2_onnx.runtime.manifest import check_files, read_manifest
 
 SHORT_PROMPTS = ["Paris will", "London was"]
@@ -413,11 +421,11 @@ def _broken_sample_token(original):
 @pytest.mark.parametrize("where", ["runtime-and-verify", "runtime-loop-only"])
 def test_verify_fails_on_broken_sampler(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                         where: str) -> None:
-    from gpt2_onnx.runtime import engine, sampling
+    from gpt2_onnx.runtime import output, sampling
 
     broken = _broken_sample_token(sampling.sample_token)
-    # The name the loop calls: the per-row step (engine.Sequence) every front end shares.
-    monkeypatch.setattr(engine, "sample_token", broken)
+    # The name the loop calls: the per-row step (output.Sequence) every front end shares.
+    monkeypatch.setattr(output, "sample_token", broken)
     if where == "runtime-and-verify":  # consistently broken everywhere: only top-k notices
         monkeypatch.setattr(sampling, "sample_token", broken)
     report = verify.run_verify(tiny_dir, prompts=SHORT_PROMPTS, steps=3)
@@ -458,7 +466,6 @@ def test_cli_verify_on_damaged_dir_exits_nonzero_naming_check(damaged_dir: Path,
 @pytest.mark.network
 @pytest.mark.slow
 def test_real_gpt2_large_greedy_matches_walkthrough(tmp_path: Path) -> None:
-    from gpt2_onnx.runtime.generator import TextGenerator
 
     out = export_dir(tmp_path / "gpt2-large", source="gpt2-large")
     gen = TextGenerator.load(out, device="cpu", precision="fp32")
@@ -497,3 +504,69 @@ def test_int4_kl_limit_is_the_stated_quality_bar_and_the_yardstick_must_meet_it(
     (results / "quality.json").write_text(json.dumps(quality))
     with pytest.raises(ValueError, match="above its quality bar"):
         derive.derive(results)
+
+
+# ------------------------------------------------ from the hostile pass of issue 19
+
+
+N_POSITIONS = 256  # the tiny preset
+
+
+def test_verify_report_directory_refused_before_any_work(tiny_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         runner: CliRunner) -> None:
+    from gpt2_onnx.export import verify
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("verify ran before the report path was checked")
+
+    monkeypatch.setattr(verify, "run_verify", no_work)
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "no" / "r.json", "does not exist")):
+        with pytest.raises(ValueError, match=why):
+            verify.verify_command(tiny_dir, report_path=bad)
+        result = invoke(runner, "verify", tiny_dir, "--report", bad)
+        assert result.exit_code == 1 and why in one_line_error(result.stderr)
+
+
+def test_verify_steps_bounded_by_the_context(tiny_dir: Path, runner: CliRunner) -> None:
+    from gpt2_onnx.export.verify import run_verify
+
+    for steps in (100000, N_POSITIONS - 1):
+        with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 254\]"):
+            run_verify(tiny_dir, steps=steps)
+    result = invoke(runner, "verify", tiny_dir, "--steps", "100000")
+    line = one_line_error(result.stderr)
+    assert "[1, 254]" in line and not re.search(r"-\d", line), line  # no negative counts
+
+
+def test_quantized_variant_below_the_bar_says_what_to_do() -> None:
+    from gpt2_onnx.export.pipeline import verify_failure_message
+    from gpt2_onnx.export.verify import Check, VerifyReport
+
+    report = VerifyReport(model_dir="m", reference="r", steps=16, device="cpu", prompts=[])
+    report.checks = [Check("fp32", "logits-prefill", "3e-6", "1e-3", True),
+                     Check("int8", "logits-decode", "mean KL 3.1e-03", "mean KL 3.0e-04", False),
+                     Check("int8", "greedy", "top-1 100 %", ">= 99 %", True)]
+    msg = verify_failure_message(report, ("fp32", "int8"))
+    assert "int8: this variant's quality on this model is below the bar" in msg
+    assert "int8 fails logits-decode; logits-decode: mean KL 3.1e-03 (limit mean KL 3.0e-04)" \
+        in msg
+    assert "--precision fp32)" in msg and "--no-verify" in msg and "\n" not in msg
+    report.checks.append(Check("fp32", "greedy", "tokens differ at 3", "identical", False))
+    msg = verify_failure_message(report, ("fp32", "int8"))
+    assert "fp32/greedy" in msg and "defect" in msg and "below the bar" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tiny_preset_quantized_under_verify(tmp_path: Path, precision: str) -> None:
+    """The documented presets with the documented precisions: a pass or the quality message."""
+    out = tmp_path / "m"
+    proc = run_cli("export", "--random-init", "tiny", "--out", out, "--precision",
+               f"fp32,{precision}", text=True, timeout=900)
+    if proc.returncode == 0:
+        assert precision in mf.read_manifest(out).variants
+        return
+    line = one_line_error(proc.stderr.splitlines()[-1])
+    assert "below the bar" in line and "--no-verify" in line, line
+    assert not out.exists()

@@ -1,134 +1,33 @@
-"""`gpt2-onnx` command line: adapts arguments to the library and turns errors into one line.
+"""The runtime's commands of `gpt2-onnx`: generate, score, tokenize, decode, info and bench.
 
-Generated text goes to stdout; progress, timings and tables to stderr. `export` and `verify` live
-in gpt2_onnx.export.cli and are registered only when the export extra is importable; without it
-they are listed with the one-line install hint. Without onnxruntime (`pip install gpt2-onnx`
-alone) `--help`, `info`, `tokenize` and `decode` work; generation names the extra to add.
+Each adapts its arguments to a typed library function (gpt2_onnx.runtime) and leaves errors to
+`call`. Without onnxruntime (`pip install gpt2-onnx` alone) `--help`, `info`, `tokenize` and
+`decode` work; generation names the extra to add.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
 
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-def _exit_while_starting(signum: int, frame: object) -> None:
-    """Ctrl-C or SIGTERM while the CLI's modules import: nothing to clean up, so end at once
-    with the shell's code (130 / 143) instead of a traceback from inside some import."""
-    os.write(2, b"interrupted\n")
-    os._exit(128 + signum)
-
-
-def _on_startup_signals() -> dict[int, Any]:
-    try:
-        return {s: signal.signal(s, _exit_while_starting) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # imported outside the main thread: signals are not ours to handle
-        return {}
-
-
-_STARTUP_HANDLERS = _on_startup_signals()
-
-import json  # noqa: E402  (after the handlers: these imports take most of the startup)
-import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any  # noqa: E402
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from gpt2_onnx.runtime import variants  # noqa: E402
-from gpt2_onnx.runtime.errors import Gpt2OnnxError, InternalError  # noqa: E402
-
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
-    help="Export GPT-2 to ONNX once; generate anywhere with a torch-free runtime.\n\n"
-         "Extras: pip install 'gpt2-onnx\\[cpu]' (or \\[gpu]) adds onnxruntime for generate, "
-         "score and bench; 'gpt2-onnx\\[export]' adds torch for export and verify; "
-         "'gpt2-onnx\\[serve]' adds the HTTP server (serve).")
-err = Console(stderr=True, highlight=False)
-EXPORT_FIX = (
-    "the export extra is not installed: pip install torch==2.13.0 && "
-    "pip install 'gpt2-onnx[export]'"
+from gpt2_onnx.cli.common import (
+    DEVICE_HELP,
+    PRECISION_HELP,
+    app,
+    call,
+    err,
+    fail,
+    interrupt_code,
 )
-# Top-level packages the export extra brings (the export half imports them inside functions).
-EXPORT_PACKAGES = ("torch", "transformers", "optimum", "onnx")
-_state = {"debug": False, "terminated": False}
-DEVICE_HELP = "auto, cpu, cuda or cuda:N (a GPU by id)."
-PRECISION_HELP = (f"Variant to run: one of the directory's ({', '.join(variants.names())}); "
-                  "default: the device's preferred one present.")
-
-
-@app.callback()
-def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks on errors.")] = False) -> None:
-    _state["debug"] = debug
-
-
-def fail(message: str, code: int = 1) -> None:
-    # Escaped: messages hold brackets ("gpt2-onnx[export]", "[0, 50256]") that are not markup.
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-
-
-def _our_dirs() -> tuple[str, ...]:
-    """Directories of gpt2-onnx's own code (the runtime's, and the export's once imported)."""
-    import os
-
-    dirs = [Path(__file__).resolve().parent]
-    export = sys.modules.get("gpt2_onnx.export")
-    if export is not None and getattr(export, "__file__", None):
-        dirs.append(Path(export.__file__).resolve().parent)
-    return tuple(f"{d}{os.sep}" for d in dirs)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """True for errors about the user's input or environment (one line, their fix), False for
-    internal failures (a bug: InternalError, or a ValueError that numpy, onnxruntime or other
-    code raised rather than our own validation, or any other exception)."""
-    if isinstance(exc, InternalError):
-        return False
-    if isinstance(exc, (Gpt2OnnxError, FileNotFoundError)):
-        return True
-    if isinstance(exc, ValueError):  # ours only if our own code raised it (the innermost frame)
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_our_dirs())
-    return False
-
-
-def report(exc: Exception) -> None:
-    """One line for `exc`: the message of a user error, or an internal-error notice."""
-    if is_user_error(exc):
-        fail(str(exc))
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    fail(f"internal error: {type(exc).__name__}: {first} -- this is a bug in gpt2-onnx, please "
-         "report it; --debug shows the traceback", code=2)
-
-
-def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call library code; its errors become one line and a non-zero exit (see `report`)."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # classified by cause in `report`; --debug re-raises
-        if _state["debug"]:
-            raise
-        report(exc)
-
-
-def _missing_export_packages() -> list[str]:
-    """Top-level packages of the export extra that cannot be imported."""
-    from gpt2_onnx.runtime.errors import missing_packages
-
-    return missing_packages(EXPORT_PACKAGES)
-
-
-# --------------------------------------------------------------------------- generate
 
 
 @app.command()
@@ -156,14 +55,14 @@ def generate(
     """Generate text; streams to stdout, timings to stderr."""
     from gpt2_onnx.runtime.generator import TextGenerator
 
-    gen = _run(TextGenerator.load, model_dir, device=device, precision=precision,
+    gen = call(TextGenerator.load, model_dir, device=device, precision=precision,
                threads=threads, fast_load=fast_load)
     # The options as one GenerationParams, checked here (a bad one: one line naming it).
-    params = _run(gen.params, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+    params = call(gen.params, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                   top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
                   seed=seed, stop=stop or None, show_top=show_top)
     if json_out or show_top:
-        results = _run(gen.generate, list(prompts), params=params)
+        results = call(gen.generate, list(prompts), params=params)
         for res in results:
             if show_top:
                 _print_steps(res)
@@ -174,10 +73,10 @@ def generate(
             _print_timings(res.timings, len(res.ids))
         return
     # Every prompt and setting is checked before the first one prints anything.
-    _run(gen.validate, list(prompts), params=params)
+    call(gen.validate, list(prompts), params=params)
     for prompt in prompts:
         streamed: list[str] = []
-        pieces = _run(gen.stream, prompt, params=params)
+        pieces = call(gen.stream, prompt, params=params)
         try:
             sys.stdout.write(prompt)
             sys.stdout.flush()
@@ -190,7 +89,7 @@ def generate(
             sys.stdout.write("\n")
             sys.stdout.flush()
             err.print("[yellow]interrupted[/]")
-            raise typer.Exit(_interrupt_code(exc)) from None
+            raise typer.Exit(interrupt_code(exc)) from None
         sys.stdout.write("\n")
         elapsed = time.perf_counter() - start
         err.print(f"[dim]{len(''.join(streamed))} chars in {elapsed:.2f} s[/]")
@@ -249,10 +148,10 @@ def score(
             texts.append(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             fail(f"{f}: cannot read it as UTF-8 text ({exc})")
-    gen = _run(TextGenerator.load, model_dir, device=device, precision=precision,
+    gen = call(TextGenerator.load, model_dir, device=device, precision=precision,
                threads=threads)
     start = time.perf_counter()
-    scores = _run(gen.score, texts, batch_size=batch_size, add_bos=bos, stride=stride)
+    scores = call(gen.score, texts, batch_size=batch_size, add_bos=bos, stride=stride)
     elapsed = time.perf_counter() - start
     n_tokens = sum(s.n_tokens for s in scores)
     rate = n_tokens / elapsed if elapsed > 0 else 0.0
@@ -294,8 +193,8 @@ def _tokenizer_only(model_dir: Path) -> Any:
     from gpt2_onnx.runtime.generator import load_tokenizer
     from gpt2_onnx.runtime.manifest import read_manifest
 
-    manifest = _run(read_manifest, model_dir)
-    return _run(load_tokenizer, model_dir / manifest.tokenizer, manifest.dims.vocab_size), manifest
+    manifest = call(read_manifest, model_dir)
+    return call(load_tokenizer, model_dir / manifest.tokenizer, manifest.dims.vocab_size), manifest
 
 
 @app.command()
@@ -304,7 +203,7 @@ def tokenize(model_dir: Path, text: str) -> None:
     from gpt2_onnx.runtime.generator import encode_text
 
     tok, _ = _tokenizer_only(model_dir)
-    sys.stdout.write(json.dumps(_run(encode_text, tok, text, "text")) + "\n")
+    sys.stdout.write(json.dumps(call(encode_text, tok, text, "text")) + "\n")
 
 
 @app.command()
@@ -326,7 +225,7 @@ def info(
     """Show the manifest: source, dims, variants, files, versions, verify summary."""
     from gpt2_onnx.runtime import manifest as mf
 
-    m = _run(mf.read_manifest, model_dir)
+    m = call(mf.read_manifest, model_dir)
     table = Table(title=escape(str(model_dir)), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -353,7 +252,7 @@ def info(
         table.add_row("verify", "not run")
     Console().print(table)
     if check_files:
-        _run(mf.check_files, model_dir, m)
+        call(mf.check_files, model_dir, m)
         err.print(f"[green]all {len(m.files)} files match their sha256[/]")
 
 
@@ -378,7 +277,7 @@ def bench(
     """Measure this machine: decode tok/s, time to first token, batch throughput, load, memory."""
     from gpt2_onnx.runtime.device import import_onnxruntime
 
-    _run(import_onnxruntime)  # the extra to add, before the bench module imports onnxruntime
+    call(import_onnxruntime)  # the extra to add, before the bench module imports onnxruntime
     from gpt2_onnx.runtime.bench import bench_model, summary_rows
 
     try:
@@ -387,7 +286,7 @@ def bench(
     except ValueError:
         fail(f"--contexts {contexts!r}: give comma-separated integers, e.g. 8,256,900")
     err.print("[dim]measuring: synthetic prompts, greedy; several prefills and decodes[/]")
-    result = _run(bench_model, model_dir, precision=precision, device=device, threads=threads,
+    result = call(bench_model, model_dir, precision=precision, device=device, threads=threads,
                   contexts=lengths, new_tokens=new_tokens, batch=batch,
                   prompt_tokens=prompt_tokens)
     if json_out:
@@ -399,155 +298,3 @@ def bench(
     for name, value in summary_rows(result):
         table.add_row(escape(name), escape(value))
     Console().print(table)
-
-
-# --------------------------------------------------------------------------- export / verify
-
-
-def _register_export_commands() -> None:
-    """The export package's commands when its extra is importable, else stand-ins that say
-    what to install (listed in --help all the same)."""
-    missing = _missing_export_packages()
-    if not missing:
-        try:
-            from gpt2_onnx.export.cli import register
-        except ImportError as exc:
-            missing = [exc.name or str(exc)]
-        else:
-            register(app)
-            return
-    hint = f"{EXPORT_FIX} ({', '.join(missing)} missing)"
-    stand_in = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
-                                     "help_option_names": []},
-                "add_help_option": False}
-
-    def unavailable(ctx: typer.Context) -> None:
-        fail(hint)
-
-    app.command("export", help="Convert a GPT-2 checkpoint (needs the export extra: "
-                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
-    app.command("verify", help="Check against transformers (needs the export extra: "
-                "pip install 'gpt2-onnx\\[export]').", **stand_in)(unavailable)
-
-
-# --------------------------------------------------------------------------- serve
-
-
-def _register_serve_command() -> None:
-    """`serve` from gpt2_onnx.serve (the server imports the runtime, never the reverse). Its CLI
-    module imports only typer, so the command is listed even without the serve extra and then
-    answers with the install hint."""
-    from gpt2_onnx.serve.cli import register
-
-    register(app)
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the same cleanup runs (partial output flushed, temporary
-    files removed); the process then exits 143 instead of 130."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    _state["terminated"] = True
-    raise Terminated
-
-
-def _interrupt_code(exc: BaseException) -> int:
-    return 143 if isinstance(exc, Terminated) or _state["terminated"] else 130
-
-
-class _signals_as_interrupt:
-    """SIGTERM raises Terminated (a KeyboardInterrupt) while active, so cleanup runs as on
-    Ctrl-C. main() installs the same handler for the whole run."""
-
-    def __enter__(self) -> None:
-        self._old = signal.signal(signal.SIGTERM, _raise_terminated)
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._old)
-
-
-class StdoutError(Gpt2OnnxError):
-    """stdout cannot be written (closed, a full disk, a reader that went away)."""
-
-
-class _GuardedStdout:
-    """sys.stdout for the CLI's run: a failed write or flush becomes one StdoutError, and fd 1
-    is pointed at /dev/null so Python's own flush at exit does not fail a second time."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def _broken(self, reason: str) -> StdoutError:
-        with_devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(with_devnull, 1)
-        finally:
-            os.close(with_devnull)
-        self._stream = None
-        return StdoutError(f"cannot write to stdout ({reason}); the output is lost. Redirect "
-                           "it to a writable file or a pipe.")
-
-    def write(self, text: str) -> int:
-        if self._stream is None:
-            raise self._broken("it is closed")
-        try:
-            return self._stream.write(text)
-        except OSError as exc:
-            raise self._broken(exc.strerror or str(exc)) from None
-
-    def flush(self) -> None:
-        if self._stream is None:
-            return
-        try:
-            self._stream.flush()
-        except OSError as exc:
-            raise self._broken(exc.strerror or str(exc)) from None
-
-    def isatty(self) -> bool:
-        return self._stream is not None and self._stream.isatty()
-
-    def __getattr__(self, name: str) -> Any:
-        if self._stream is None:
-            raise AttributeError(name)
-        return getattr(self._stream, name)
-
-
-_register_export_commands()
-_register_serve_command()
-
-for _signum, _handler in _STARTUP_HANDLERS.items():  # imports done: back to Python's handlers
-    signal.signal(_signum, _handler)
-
-
-def main() -> None:
-    """The `gpt2-onnx` entry point: Ctrl-C exits 130, SIGTERM 143 (partial output flushed),
-    an unwritable stdout one line and exit 1 — never a traceback."""
-    sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        try:
-            app()
-        finally:
-            sys.stdout.flush()
-    except StdoutError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt as exc:
-        err.print("[yellow]interrupted[/]")
-        sys.exit(_interrupt_code(exc))
-    except SystemExit as exc:
-        # typer turns an interrupt inside a command into exit 130; SIGTERM's is 143.
-        if exc.code == 130 and _state["terminated"]:
-            sys.exit(143)
-        raise
-    except Exception as exc:  # raised outside `_run` (e.g. while streaming): same one line
-        if _state["debug"]:
-            raise
-        try:
-            report(exc)
-        except typer.Exit as done:
-            sys.exit(done.exit_code)

@@ -1,5 +1,5 @@
-"""Hardening: an interrupted or failing export leaves nothing loadable, no temporary litter, and
-an existing output (being replaced with --force) intact.
+"""Export failures: an interrupted or failing export leaves nothing loadable, no temporary
+litter, and an existing output (being replaced with --force) intact.
 
 In-process tests interrupt each stage through the pipeline's `on_stage` hook with real signals
 (SIGINT as Python delivers it, SIGTERM through the CLI's handler), with the optimum step replaced
@@ -22,15 +22,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
+from gpt2_onnx.cli.common import signals_as_interrupt
 from gpt2_onnx.export import pipeline
 from gpt2_onnx.export.pipeline import TMP_PREFIX, ExportError, ExportOptions, run_export
 from gpt2_onnx.runtime import manifest as mf
-from gpt2_onnx.runtime.cli import _signals_as_interrupt, app
 from gpt2_onnx.runtime.errors import ModelDirError
 from gpt2_onnx.runtime.manifest import Variant, VariantIO
 
 STAGES = ["load", "export", "variant-int8", "write", "verify", "rename"]
-CLI = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
+CLI = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_signal_at_each_stage(tmp_path: Path, fast_export: None, existing: Path,
     out = existing if replace else tmp_path / "fresh"
     before = snapshot(out) if replace else None
     opts = options(out, force=replace, on_stage=interrupt_at(stage, how))
-    with pytest.raises(KeyboardInterrupt), _signals_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupt():
         run_export(opts)
     assert_untouched(out, before)
 
@@ -137,7 +138,7 @@ def test_signal_in_the_middle_of_writing(tmp_path: Path, existing: Path,
 
     monkeypatch.setattr(pipeline, "export_optimum_fp32", half_written)
     before = snapshot(existing)
-    with pytest.raises(KeyboardInterrupt), _signals_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupt():
         run_export(options(existing, force=True, precisions=("fp32",)))
     assert_untouched(existing, before)
 

@@ -1,7 +1,7 @@
-"""`gpt2-onnx serve`: registered on the runtime's CLI; imports the server only when run.
+"""`gpt2-onnx serve`: imports the server only when the command runs.
 
 Without the serve extra the command still shows in --help and answers with a one-line install
-hint (this module imports only typer and the runtime's CLI helpers).
+hint (this module imports only typer, the runtime's variant registry and the CLI's helpers).
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from gpt2_onnx.cli.common import DEVICE_HELP, call, err, fail
 from gpt2_onnx.runtime import variants
-from gpt2_onnx.runtime.device import DEVICE_CHOICES
+from gpt2_onnx.runtime.config import DEFAULTS
 
 if TYPE_CHECKING:
     from gpt2_onnx.serve.server import ServeOptions
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 SERVE_FIX = "the serve extra is not installed: pip install 'gpt2-onnx[serve]'"
-# Built here from the registry and the Device choices, not imported from runtime/cli.py, which
-# imports this module while it loads.
-_SHARED = [n for n in variants.names() if variants.get(n).kv_layout == "shared"]
-DEVICE_HELP = f"{', '.join(DEVICE_CHOICES)} (a GPU by id)."
 PRECISION_HELP = (f"Variant to serve, one of the directory's with shared KV slots "
-                  f"({', '.join(_SHARED)}); default: the device's preferred one present.")
+                  f"({', '.join(variants.shared_kv_names())}); default: the device's preferred "
+                  "one present.")
 
 
 def missing_serve_packages() -> list[str]:
@@ -52,9 +50,9 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(
         help="CPU threads (default: the physical cores).")] = None,
-    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    slots: Annotated[int, typer.Option(help="Requests decoded together.")] = DEFAULTS.slots,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; beyond, "
-                                                "429.")] = 64,
+                                                "429.")] = DEFAULTS.max_queue,
     api_key: Annotated[str | None, typer.Option(
         envvar="GPT2_ONNX_API_KEY", help="Require 'Authorization: Bearer KEY' (also from "
         "$GPT2_ONNX_API_KEY, which keeps it out of the process list).")] = None,
@@ -77,8 +75,6 @@ def serve_cmd(
         help="With --ray: a running cluster [RAY_ADDRESS, else a local Ray].")] = None,
 ) -> None:
     """Serve the model over HTTP with OpenAI's Completions API (needs the serve extra)."""
-    from gpt2_onnx.runtime.cli import _run, err, fail
-
     missing = missing_serve_packages()
     if missing:
         fail(f"{SERVE_FIX} ({', '.join(missing)} missing)")
@@ -94,7 +90,7 @@ def serve_cmd(
         _serve_ray(opts, replicas, max_replicas, ray_address)
         return
     try:
-        code = _run(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
+        code = call(serve, opts, lambda msg: err.print(msg, markup=False, highlight=False))
     except OSError as exc:  # the port is taken, the address is not ours
         fail(str(exc))
     if code:
@@ -106,15 +102,14 @@ def _serve_ray(opts: ServeOptions, replicas: int, max_replicas: int | None,
     """`serve --ray`: the same app on Ray Serve replicas (gpt2_onnx.serve.ray_app)."""
     from dataclasses import replace
 
-    from gpt2_onnx.runtime.cli import _run, err, fail
-
     if importlib.util.find_spec("ray") is None:
         fail("the ray extra is not installed: pip install 'gpt2-onnx[ray]'")
-    from gpt2_onnx.serve.ray_app import RayOptions, run
+    from gpt2_onnx.serve.ray_app import RayOptions
+    from gpt2_onnx.serve.ray_app import run as run_ray
 
     threads = opts.threads or 1  # a replica's CPUs (its num_cpus)
     ray_opts = RayOptions(serve=replace(opts, threads=threads), replicas=replicas,
                           max_replicas=max_replicas, address=address)
-    code = _run(run, ray_opts, lambda msg: err.print(msg, markup=False, highlight=False))
+    code = call(run_ray, ray_opts, lambda msg: err.print(msg, markup=False, highlight=False))
     if code:
         raise typer.Exit(code)

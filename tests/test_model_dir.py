@@ -1,4 +1,5 @@
-"""Hardening: damaged or hostile model directories get one clear ModelDirError, never a crash.
+"""The model directory: damaged, hand-edited or hostile directories get one clear
+ModelDirError, never a crash.
 
 Each test copies the tiny export, damages the copy, and checks that loading (or `info`) refuses
 it with an error naming the file and the fix. Paths that leave the directory (in the manifest or
@@ -18,33 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    invoke,
+    one_line_error,
+    private_copy,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from gpt2_onnx.cli import app
 from gpt2_onnx.runtime import manifest as mf
-from gpt2_onnx.runtime.cli import app
 from gpt2_onnx.runtime.errors import ModelDirError
-from gpt2_onnx.runtime.generator import TextGenerator
+from gpt2_onnx.runtime.generator import TextGenerator, load_tokenizer, vocab_fits
 
 PROMPT = "Paris will"
-CLI = "import sys; from gpt2_onnx.runtime.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
-    return Path(shutil.copytree(tiny_dir, tmp_path_factory.mktemp("pristine") / "model"))
-
-
-@pytest.fixture
-def model(tmp_path: Path, pristine: Path) -> Path:
-    """A private copy of the tiny export whose model.onnx is a hard link (26 MB not copied for
-    each of ~60 tests): tests using it may damage any file but never write into model.onnx."""
-    def copy(src: str, dst: str) -> None:
-        if Path(src).name == "model.onnx":
-            os.link(src, dst)
-        else:
-            shutil.copy2(src, dst)
-
-    return Path(shutil.copytree(pristine, tmp_path / "model", copy_function=copy))
+CLI = "import sys; from gpt2_onnx.cli import main; sys.argv[0] = 'gpt2-onnx'; main()"
 
 
 @pytest.fixture
@@ -502,3 +492,148 @@ def test_cli_subprocess_no_traceback(model: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "tokenizer.json" in proc.stderr and "not a valid tokenizers file" in proc.stderr
+
+
+# ------------------------------------------------ from the hostile pass of issue 19
+
+
+VOCAB = 50257
+
+
+_DIM_FIELDS = ("n_layer", "n_head", "head_dim", "n_embd", "n_positions", "vocab_size")
+
+
+def replace_tokenizer(model: Path, size: int) -> None:
+    """A word-level tokenizer of `size` tokens in place of GPT-2's; the manifest's file table
+    updated so only the vocabulary rule can object."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(size - 1)} | {"[UNK]": size - 1}
+    Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(model / "tokenizer.json"))
+    entry = mf.file_entries(model, ["tokenizer.json"])["tokenizer.json"]
+    edit_manifest(model, lambda d: d["files"].update(
+        {"tokenizer.json": {"size": entry.size, "sha256": entry.sha256}}))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["dims"].update(n_layer=3), "past_key_values.2.key"),
+    (lambda d: d["dims"].update(n_layer=1), "past_key_values.1.key"),
+    (lambda d: d["dims"].update(n_head=8, head_dim=8), "n_head 8, head_dim 8"),
+    (lambda d: d["dims"].update(n_head=2, head_dim=32), "n_head 2, head_dim 32"),
+    (lambda d: d["dims"].update(vocab_size=50304), "vocab_size 50304"),
+    (lambda d: d["variants"]["fp32"]["io"].update(input_ids="ids"), "ids"),
+    (lambda d: d["variants"]["fp32"]["io"].update(logits="scores"), "scores"),
+    (lambda d: d["variants"]["fp32"]["io"].update(past_key="past.{i}.key"), "past.0.key"),
+    (lambda d: d["variants"]["fp32"]["io"].update(attention_mask="mask"), "mask"),
+    (lambda d: d["variants"]["fp32"].update(dtype="float16"), "float16"),
+])
+def test_manifest_that_disagrees_with_its_graph(runner: CliRunner, model: Path, edit,
+                                                expected: str) -> None:
+    edit_manifest(model, edit)
+    mf.read_manifest(model)  # the manifest alone is consistent: only the graph disproves it
+    with pytest.raises(ModelDirError, match="graph and manifest disagree") as exc:
+        TextGenerator.load(model, device="cpu", threads=1)
+    assert expected in str(exc.value)
+    result = invoke(runner, "generate", model, "Hi", "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    assert expected in one_line_error(result.stderr, result.stdout)
+
+
+@pytest.mark.parametrize("n_positions, n_embd, n_head", [(512, 64, 4), (128, 64, 4),
+                                                      (256, 128, 8)])
+def test_position_table_disagreeing_with_the_manifest(runner: CliRunner, model: Path,
+                                                      n_positions: int, n_embd: int,
+                                                      n_head: int) -> None:
+    """n_positions 512 over a 256-row table used to load and fail only past position 255."""
+    edit_manifest(model, lambda d: d["dims"].update(n_positions=n_positions, n_embd=n_embd,
+                                                    n_head=n_head))
+    with pytest.raises(ModelDirError, match="position table is 256 x 64"):
+        mf.read_manifest(model)
+    result = invoke(runner, "info", model)
+    assert result.exit_code == 1 and "position table" in one_line_error(result.stderr)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from(_DIM_FIELDS),
+                               st.one_of(st.integers(-2, 600), st.integers(50000, 50400),
+                                         st.sampled_from([2**24, 2**24 + 1, 2**63, -(2**63)])),
+                               min_size=1, max_size=3),
+       io_field=st.one_of(st.none(), st.sampled_from(["input_ids", "attention_mask",
+                                                      "position_ids", "logits", "past_key",
+                                                      "present_value"])),
+       io_name=st.text(min_size=1, max_size=12))
+def test_model_directory_mutations(tmp_path_factory: pytest.TempPathFactory, pristine: Path,
+                                   tiny_gen: TextGenerator, changes: dict, io_field: str | None,
+                                   io_name: str) -> None:
+    """Random edits of the manifest's dims and tensor names: the directory is refused with a
+    ModelDirError at load, or the edit changed nothing and it generates the same greedy tokens.
+    Never another exception, never a failure at the first forward pass."""
+    model = private_copy(pristine, tmp_path_factory.mktemp("mut") / "model")
+    original = json.loads((model / mf.MANIFEST_NAME).read_text())
+    dims = original["dims"]
+    io = original["variants"]["fp32"]["io"]
+
+    def edit(doc):
+        doc["dims"].update(changes)
+        if io_field is not None:
+            value = io_name + ("{i}" if io_field in ("past_key", "present_value") else "")
+            doc["variants"]["fp32"]["io"][io_field] = value
+
+    edit_manifest(model, edit)
+    structural = any(changes[f] != dims[f] for f in changes)
+    renamed = io_field is not None and (
+        io_name + ("{i}" if io_field in ("past_key", "present_value") else "")) != io[io_field]
+    try:
+        loaded = TextGenerator.load(model, device="cpu", threads=1)
+    except ModelDirError:
+        return
+    assert not structural and not renamed, "a manifest that differs from its graph was loaded"
+    reference = tiny_gen.generate("Paris will", max_new_tokens=2, greedy=True).ids
+    assert loaded.generate("Paris will", max_new_tokens=2, greedy=True).ids == reference
+
+
+def test_unreadable_tokenizer_is_named_as_such(model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = model / "tokenizer.json"
+    if os.geteuid() == 0:  # root reads anything: make the read itself fail as it would
+        real = Path.read_bytes
+
+        def denied(self: Path) -> bytes:
+            if self == tok:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", denied)
+    else:
+        tok.chmod(0)
+    with pytest.raises(ModelDirError, match="cannot be read \\(Permission denied\\)"):
+        load_tokenizer(tok, VOCAB)
+
+
+def test_missing_directory_and_file_are_named_apart(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match="no such directory"):
+        mf.read_manifest(tmp_path / "nonexistent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelDirError, match="not a directory"):
+        mf.read_manifest(tmp_path / "file")
+
+
+@pytest.mark.parametrize("size", [3, 1000, VOCAB - 200, VOCAB + 1])
+def test_tokenizer_of_another_vocabulary_is_refused(runner: CliRunner, model: Path,
+                                                    size: int) -> None:
+    replace_tokenizer(model, size)
+    with pytest.raises(ModelDirError, match=f"{size} tokens but the model has {VOCAB} logits"):
+        TextGenerator.load(model, device="cpu", threads=1)
+    result = invoke(runner, "generate", model, "w1", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "belongs to another model" in one_line_error(result.stderr)
+
+
+def test_vocabulary_padding_rule_hand_values() -> None:
+    assert vocab_fits(50257, 50257)
+    assert vocab_fits(50257, 50304)  # padded to a multiple of 128 (nanoGPT's 50304)
+    assert not vocab_fits(50257, 50305)
+    assert not vocab_fits(50257, 50256)
+    assert not vocab_fits(1000, 50257)
+    assert vocab_fits(128, 128) and not vocab_fits(128, 129)

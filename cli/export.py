@@ -1,7 +1,7 @@
-"""The `export` and `verify` commands of `gpt2-onnx`, living with the export package.
+"""The `export` and `verify` commands of `gpt2-onnx`.
 
-runtime/cli.py registers them (`register(app)`) only when the export extra is importable; with
-the runtime alone it lists stand-ins that print the install hint. This module imports nothing
+gpt2_onnx.cli.main registers them (`register(app)`) only when the export extra is importable;
+with the runtime alone it lists stand-ins that print the install hint. This module imports nothing
 heavy at import time: the pipeline and verify (torch, transformers, optimum) load when a command
 runs.
 """
@@ -13,21 +13,29 @@ from typing import Annotated, Any
 
 import typer
 
+from gpt2_onnx.cli.common import (
+    EXPORT_FIX,
+    EXPORT_PACKAGES,
+    call,
+    err,
+    fail,
+    signals_as_interrupt,
+    state,
+)
 from gpt2_onnx.export.builders import exportable
-from gpt2_onnx.runtime import cli as rcli
 from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.device import DEVICE_CHOICES
 
 
 def _run_export_step(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`_run` for export/verify: a package of the export extra failing to import inside the
+    """`call` for export/verify: a package of the export extra failing to import inside the
     pipeline (lazy imports) becomes the install hint, not a traceback."""
     try:
-        return rcli._run(fn, *args, **kwargs)
+        return call(fn, *args, **kwargs)
     except ImportError as exc:
-        if rcli._state["debug"] or (exc.name or "").split(".")[0] not in rcli.EXPORT_PACKAGES:
+        if state["debug"] or (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
             raise
-        rcli.fail(f"{rcli.EXPORT_FIX} ({exc.name} cannot be imported: {exc})")
+        fail(f"{EXPORT_FIX} ({exc.name} cannot be imported: {exc})")
 
 
 def export(
@@ -59,8 +67,8 @@ def export(
     opts = pipeline.ExportOptions(
         source=source, out=out, random_init=random_init, seed=seed, force=force,
         precisions=precisions, verify=verify, genai_variant=genai_variant)
-    with rcli._signals_as_interrupt():
-        _run_export_step(pipeline.run_export, opts, progress.RichProgress(rcli.err))
+    with signals_as_interrupt():
+        _run_export_step(pipeline.run_export, opts, progress.RichProgress(err))
 
 
 def verify_cmd(
@@ -82,9 +90,9 @@ def verify_cmd(
 
     result = _run_export_step(
         verify_mod.verify_command, model_dir, reference=reference, prompts=prompts, steps=steps,
-        precisions=precision, device=device, report_path=report, console=rcli.err, genai=genai)
+        precisions=precision, device=device, report_path=report, console=err, genai=genai)
     if not result.passed:
-        rcli.fail(f"verify failed: {', '.join(result.failed_checks())}")
+        fail(f"verify failed: {', '.join(result.failed_checks())}")
 
 
 def register(app: typer.Typer) -> None:
