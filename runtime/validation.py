@@ -126,17 +126,6 @@ def check_output_file(name: str, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def gather(*checks: Callable[[], Any]) -> list[str]:
-    """Run each check; return the messages of those that raised ValueError (all, not the first)."""
-    problems = []
-    for check in checks:
-        try:
-            check()
-        except ValueError as exc:
-            problems.append(str(exc))
-    return problems
-
-
 def check_all(*checks: Callable[[], Any], prefix: str = "") -> None:
     """Run every check; when any raised ValueError, raise one ParameterError whose message is
     `prefix` + their messages joined by "; " and whose `problems` list every bad setting (those
