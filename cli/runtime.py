@@ -57,11 +57,12 @@ def generate(
 
     gen = call(TextGenerator.load, model_dir, device=device, precision=precision,
                threads=threads, fast_load=fast_load)
-    settings = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p,
-                    temperature=temperature, repetition_penalty=repetition_penalty, seed=seed,
-                    stop=stop or None)
+    # The options as one GenerationParams, checked here (a bad one: one line naming it).
+    params = call(gen.params, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                  top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty,
+                  seed=seed, stop=stop or None, show_top=show_top)
     if json_out or show_top:
-        results = call(gen.generate, list(prompts), show_top=show_top, **settings)
+        results = call(gen.generate, list(prompts), params=params)
         for res in results:
             if show_top:
                 _print_steps(res)
@@ -72,10 +73,10 @@ def generate(
             _print_timings(res.timings, len(res.ids))
         return
     # Every prompt and setting is checked before the first one prints anything.
-    call(gen.validate, list(prompts), **settings)
+    call(gen.validate, list(prompts), params=params)
     for prompt in prompts:
         streamed: list[str] = []
-        pieces = call(gen.stream, prompt, **settings)
+        pieces = call(gen.stream, prompt, params=params)
         try:
             sys.stdout.write(prompt)
             sys.stdout.flush()

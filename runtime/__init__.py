@@ -18,9 +18,9 @@ _EXPORTS = {
     "EngineConfig": "config",
     "Engine": "engine",
     "EngineStats": "engine",
-    "GenerationParams": "engine",
     "StepGenerator": "batch",
     "Request": "request",
+    "ContextLengthError": "errors",
     "DeviceError": "errors",
     "EngineClosedError": "errors",
     "GenerationError": "errors",
@@ -28,6 +28,7 @@ _EXPORTS = {
     "InternalError": "errors",
     "MissingExtraError": "errors",
     "ModelDirError": "errors",
+    "ParameterError": "errors",
     "QueueFullError": "errors",
     "SessionLoadError": "errors",
     "Candidate": "results",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "Manifest": "manifest",
     "check_files": "manifest",
     "read_manifest": "manifest",
+    "GenerationParams": "params",
     "SamplingSettings": "sampling",
     "TextScore": "scoring",
     "perplexity": "scoring",
@@ -48,6 +50,7 @@ _EXPORTS = {
 
 __all__ = [
     "Candidate",
+    "ContextLengthError",
     "Device",
     "DeviceError",
     "DoneEvent",
@@ -63,6 +66,7 @@ __all__ = [
     "Manifest",
     "MissingExtraError",
     "ModelDirError",
+    "ParameterError",
     "QueueFullError",
     "Request",
     "SamplingSettings",
@@ -83,8 +87,9 @@ if TYPE_CHECKING:
     from gpt2_onnx.runtime.batch import StepGenerator
     from gpt2_onnx.runtime.config import EngineConfig
     from gpt2_onnx.runtime.device import Device
-    from gpt2_onnx.runtime.engine import Engine, EngineStats, GenerationParams
+    from gpt2_onnx.runtime.engine import Engine, EngineStats
     from gpt2_onnx.runtime.errors import (
+        ContextLengthError,
         DeviceError,
         EngineClosedError,
         GenerationError,
@@ -92,11 +97,13 @@ if TYPE_CHECKING:
         InternalError,
         MissingExtraError,
         ModelDirError,
+        ParameterError,
         QueueFullError,
         SessionLoadError,
     )
     from gpt2_onnx.runtime.generator import TextGenerator
     from gpt2_onnx.runtime.manifest import Manifest, check_files, read_manifest
+    from gpt2_onnx.runtime.params import GenerationParams
     from gpt2_onnx.runtime.request import Request
     from gpt2_onnx.runtime.results import (
         Candidate,

@@ -18,7 +18,8 @@ The pieces, split as vLLM v1 splits its engine core, each testable alone:
   output.py     logits -> token, text delta, finish (Sequence: sampler, detokenizer, stop)
   request.py    the handle a caller reads events from (Request)
   results.py    the values handed back (TokenEvent, DoneEvent, Timings, GenerationResult)
-This module keeps the request settings (GenerationParams), the driver (`Engine`) and its stats.
+This module keeps the driver (`Engine`) and its stats; the request settings (GenerationParams)
+live in params.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -39,14 +40,12 @@ from gpt2_onnx.runtime.errors import (
     Gpt2OnnxError,
     QueueFullError,
 )
-from gpt2_onnx.runtime.manifest import ModelDims
 from gpt2_onnx.runtime.output import Sequence, log_softmax_at
+from gpt2_onnx.runtime.params import GenerationParams  # its home; re-exported here
 from gpt2_onnx.runtime.request import Request
 from gpt2_onnx.runtime.results import FINISH_REASONS, DoneEvent, Event, TokenEvent
 from gpt2_onnx.runtime.runner import SlotRunner
-from gpt2_onnx.runtime.sampling import SamplingSettings
 from gpt2_onnx.runtime.scheduler import Chunk, DecodeBatch, Scheduler, Slot
-from gpt2_onnx.runtime.validation import check_int, check_optional_int, gather
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -63,60 +62,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- values
-
-
-def _check_stop(stop: object) -> None:
-    if not isinstance(stop, tuple) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop: give non-empty strings, got {stop!r}")
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything one request asks for. Checked by `validate` before any work starts."""
-
-    max_new_tokens: int = 64  # new tokens at most (the prompt not counted)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # greedy, top-k, ...
-    seed: int | None = None  # fixes the sampled tokens; None: fresh entropy
-    stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops
-    top_n: int = 0  # > 0: each TokenEvent carries the n most probable candidates (explain mode)
-
-    def __post_init__(self) -> None:
-        # A single string or a list is accepted for `stop` and stored as a tuple.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-
-    def validate(self, dims: ModelDims) -> None:
-        """ValueError naming every bad setting and its allowed range (prompt-independent)."""
-        if not isinstance(self.sampling, SamplingSettings):
-            raise ValueError("sampling: give a SamplingSettings, got "
-                             f"{type(self.sampling).__name__}")
-        problems = gather(  # every bad setting in one error
-            lambda: self.sampling.validate(dims.vocab_size),
-            lambda: check_optional_int("seed", self.seed, 0, hint=" or None"),
-            lambda: check_int("max_new_tokens", self.max_new_tokens, 0),
-            lambda: check_int("top_n", self.top_n, 0, dims.vocab_size, hint=" (0 is off)"),
-            lambda: _check_stop(self.stop))
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def check_prompt(self, prompt_ids: Seq[int], dims: ModelDims, what: str = "prompt",
-                     max_len: int | None = None) -> None:
-        """ValueError when the prompt plus max_new_tokens exceed the positions available."""
-        limit = dims.n_positions if max_len is None else min(max_len, dims.n_positions)
-        what_limit = f"n_positions={dims.n_positions}" if limit == dims.n_positions \
-            else f"the engine's max_len={limit}"
-        n = len(prompt_ids)
-        if n > limit:
-            raise ValueError(f"{what} has {n} tokens, more than {what_limit} the model allows; "
-                             "shorten it")
-        room = limit - max(n, 1)
-        if self.max_new_tokens > room:
-            raise ValueError(
-                f"max_new_tokens={self.max_new_tokens} with a prompt of {max(n, 1)} tokens "
-                f"exceeds {what_limit}: allowed range is [0, {room}] for this prompt (shorten "
-                "the prompt or ask for fewer tokens)")
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,44 @@ def missing_packages(names: tuple[str, ...]) -> list[str]:
         except (ImportError, ValueError):  # a broken or blocked package counts as missing
             missing.append(name)
     return missing
+
+
+class ParameterError(Gpt2OnnxError, ValueError):
+    """A setting outside its allowed range, its name carried as data for front ends to map
+    (the HTTP server's `error.param`) instead of parsed out of the message.
+
+    param: the first bad setting's name (None when not one setting's fault); problems: a
+    (name, message) pair for every bad setting; str(): every message, joined by "; ".
+    """
+
+    def __init__(self, message: str, param: str | None = None,
+                 problems: tuple[tuple[str | None, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.param = param
+        self.problems = tuple(problems) or ((param, message),)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The names of every bad setting, in the order they were checked."""
+        return tuple(name for name, _ in self.problems if name is not None)
+
+
+class ContextLengthError(ParameterError):
+    """The prompt, or the prompt plus max_new_tokens, does not fit the positions available.
+
+    param is "prompt" (the prompt alone is too long) or "max_new_tokens"; the figures are data
+    so a front end words the limit in its own terms (the server: 413, max_tokens).
+    """
+
+    def __init__(self, message: str, param: str | None = None,
+                 problems: tuple[tuple[str | None, str], ...] = (), *,
+                 prompt_tokens: int = 0, max_new_tokens: int = 0, limit: int = 0) -> None:
+        super().__init__(message, param, problems)
+        self.prompt_tokens = prompt_tokens  # tokens in the prompt
+        self.max_new_tokens = max_new_tokens  # tokens asked for
+        self.limit = limit  # positions available: n_positions, or an engine's smaller max_len
+
+    @property
+    def room(self) -> int:
+        """The most new tokens this prompt allows (a prompt of 0 tokens takes one position)."""
+        return max(self.limit - max(self.prompt_tokens, 1), 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
@@ -17,16 +17,16 @@ from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.batch import static_batch
 from gpt2_onnx.runtime.config import DEFAULTS
 from gpt2_onnx.runtime.device import Device, import_onnxruntime, resolve_device
-from gpt2_onnx.runtime.engine import Engine, GenerationParams
+from gpt2_onnx.runtime.engine import Engine
 from gpt2_onnx.runtime.errors import GenerationError, ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, check_graph_io, read_manifest
+from gpt2_onnx.runtime.params import GenerationParams, resolve, takes_generation_keywords
 from gpt2_onnx.runtime.results import Candidate as Candidate  # re-exported (older imports)
 from gpt2_onnx.runtime.results import DoneEvent, GenerationResult, TokenEvent
 from gpt2_onnx.runtime.results import StepRecord as StepRecord
 from gpt2_onnx.runtime.results import Timings as Timings
-from gpt2_onnx.runtime.sampling import SamplingSettings
 from gpt2_onnx.runtime.scoring import TextScore, score_texts
-from gpt2_onnx.runtime.validation import check_bool, check_int, check_threads, check_token_ids
+from gpt2_onnx.runtime.validation import check_bool, check_threads, check_token_ids
 
 if TYPE_CHECKING:
     from gpt2_onnx.runtime.decoder import Decoder
@@ -127,91 +127,51 @@ class TextGenerator:
         check_token_ids(what, ids, self.manifest.dims.vocab_size)
 
     # ------------------------------------------------------------------ public API
-    def generate(
-        self,
-        prompt_or_prompts: str | Sequence[str],
-        *,
-        max_new_tokens: int = 64,
-        greedy: bool = False,
-        top_k: int | None = 50,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        show_top: int = 0,
-        sampling: SamplingSettings | None = None,
-    ) -> GenerationResult | list[GenerationResult]:
+    @takes_generation_keywords()
+    def generate(self, prompt_or_prompts: str | Sequence[str], *,
+                 params: GenerationParams | None = None, **keywords: Any
+                 ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (returns a result) or a list (returns a list, same order).
 
+        Settings: the generation keywords (max_new_tokens, greedy, top_k, top_p, temperature,
+        repetition_penalty, seed, stop, show_top, sampling: see
+        `GenerationParams.from_keywords`), or one `params=GenerationParams(...)`.
         Each prompt gets the tokens it would get alone (greedy exactly; sampling too, each
         drawing from its own generator seeded `seed`). One prompt on a shared-KV variant runs on
         this generator's engine, in one batch with whatever other threads ask at the same time;
         a list of prompts (and any call on optimum's concat-KV graph) runs as one static,
         left-padded batch.
-        `sampling` (a SamplingSettings) replaces greedy/top_k/top_p/temperature/
-        repetition_penalty when given.
         """
         single = isinstance(prompt_or_prompts, str)
         prompts = _prompt_list(prompt_or_prompts)
-        results = self.generate_ids(
-            [self.encode(p) for p in prompts], prompts=prompts, max_new_tokens=max_new_tokens,
-            greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature,
-            repetition_penalty=repetition_penalty, seed=seed, stop=stop, show_top=show_top,
-            sampling=sampling)
+        ids = [self.encode(p) for p in prompts]
+        params = resolve("generate", self.manifest.dims, params, keywords)
+        results = self._generate_rows(ids, prompts, params)
         return results[0] if single else results
 
-    def validate(
-        self,
-        prompt_or_prompts: str | Sequence[str],
-        *,
-        max_new_tokens: int = 64,
-        greedy: bool = False,
-        top_k: int | None = 50,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        show_top: int = 0,
-        sampling: SamplingSettings | None = None,
-    ) -> None:
-        """Raise the ValueError `generate` would raise for these prompts and settings, without
+    @takes_generation_keywords()
+    def validate(self, prompt_or_prompts: str | Sequence[str], *,
+                 params: GenerationParams | None = None, **keywords: Any) -> None:
+        """Raise the error `generate` would raise for these prompts and settings, without
         running the model: a caller streaming several prompts checks them all before printing
         anything. Prompts are named by their index in the list ("prompt 1" is the second)."""
-        params = self.params(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                             top_p=top_p, temperature=temperature,
-                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                             show_top=show_top, sampling=sampling)
+        params = resolve("validate", self.manifest.dims, params, keywords)
         for i, prompt in enumerate(_prompt_list(prompt_or_prompts)):
             ids = encode_text(self.tokenizer, prompt, f"prompt {i}")
             params.check_prompt(ids, self.manifest.dims, f"prompt {i}")
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int = 64,
-        greedy: bool = False,
-        top_k: int | None = 50,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        sampling: SamplingSettings | None = None,
-    ) -> Iterator[str]:
-        """Yield the new text piece by piece as tokens are produced.
+    @takes_generation_keywords(exclude=("show_top",))
+    def stream(self, prompt: str, *, params: GenerationParams | None = None,
+               **keywords: Any) -> Iterator[str]:
+        """Yield the new text piece by piece as tokens are produced (the settings: `generate`'s
+        less show_top; `stream_events` carries the candidates).
 
         A multi-byte character is never split, text that may begin a stop string is held back
         until it is known not to, and the pieces join to exactly `generate(...).text`.
         """
         if not isinstance(prompt, str):
             raise ValueError("prompt: stream takes one string")
-        params = self.params(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                             top_p=top_p, temperature=temperature,
-                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                             sampling=sampling)
+        params = resolve("stream", self.manifest.dims, params, keywords, exclude=("show_top",))
         prompt_ids = self.encode(prompt)
         # Validated (and, on the engine, submitted) here, when stream() is called, not at the
         # first next(): a caller (the CLI) learns about a bad setting before it prints anything.
@@ -246,27 +206,18 @@ class TextGenerator:
                                 completion_tokens=len(ev.ids), timings=ev.timings,
                                 text=ev.text, ids=ev.ids)
 
-    def generate_ids(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        *,
-        prompts: Sequence[str] | None = None,
-        max_new_tokens: int = 64,
-        greedy: bool = False,
-        top_k: int | None = 50,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        show_top: int = 0,
-        sampling: SamplingSettings | None = None,
-    ) -> list[GenerationResult]:
+    @takes_generation_keywords()
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *,
+                     prompts: Sequence[str] | None = None,
+                     params: GenerationParams | None = None,
+                     **keywords: Any) -> list[GenerationResult]:
         """`generate` from token ids (one list per prompt); ids outside the vocab are refused."""
-        params = self.params(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                             top_p=top_p, temperature=temperature,
-                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                             show_top=show_top, sampling=sampling)
+        params = resolve("generate_ids", self.manifest.dims, params, keywords)
+        return self._generate_rows(prompt_ids, prompts, params)
+
+    def _generate_rows(self, prompt_ids: Sequence[Sequence[int]],
+                       prompts: Sequence[str] | None, params: GenerationParams
+                       ) -> list[GenerationResult]:
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids or not all(
                 isinstance(p, (list, tuple)) for p in prompt_ids):
             raise ValueError("prompt_ids: give a non-empty list of token-id lists (one per prompt)")
@@ -286,34 +237,11 @@ class TextGenerator:
             pass
         return results  # the last yield: the finished results
 
-    def params(
-        self,
-        *,
-        max_new_tokens: int = 64,
-        greedy: bool = False,
-        top_k: int | None = 50,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        show_top: int = 0,
-        sampling: SamplingSettings | None = None,
-    ) -> GenerationParams:
-        """The front ends' keywords as one validated GenerationParams (ValueError naming the
-        setting). `sampling`, when given, replaces the five sampling keywords."""
-        dims = self.manifest.dims
-        if sampling is None:
-            sampling = SamplingSettings(greedy=greedy, top_k=top_k, top_p=top_p,
-                                        temperature=temperature,
-                                        repetition_penalty=repetition_penalty)
-        elif not isinstance(sampling, SamplingSettings):
-            raise ValueError(f"sampling: give a SamplingSettings, got {type(sampling).__name__}")
-        show_top = check_int("show_top", show_top, 0, dims.vocab_size, hint=" (0 is off)")
-        params = GenerationParams(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                  stop=tuple(_stop_list(stop)), top_n=show_top)
-        params.validate(dims)
-        return params
+    @takes_generation_keywords()
+    def params(self, **keywords: Any) -> GenerationParams:
+        """The generation keywords (see `GenerationParams.from_keywords`) as one GenerationParams
+        validated for this model: ParameterError naming every bad setting."""
+        return resolve("params", self.manifest.dims, None, keywords)
 
     def score(
         self,
@@ -505,17 +433,6 @@ def _prompt_list(prompt_or_prompts: object) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt: give a string or a non-empty list of strings")
     return prompts
-
-
-def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    if not isinstance(stop, (str, list, tuple)):
-        raise ValueError("stop: give a string or a list of non-empty strings")
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ValueError("stop: give non-empty strings")
-    return stops
 
 
 def _request_events(request: Request) -> Iterator[TokenEvent | DoneEvent]:

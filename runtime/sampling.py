@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2_onnx.runtime.validation import (
+    check_all,
     check_bool,
     check_float,
     check_int,
     check_optional_int,
-    gather,
 )
 
 # Top-p without top-k looks for the nucleus among the `_NUCLEUS_START` most probable tokens first
@@ -48,12 +48,13 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1 is off
 
     def validate(self, vocab_size: int) -> None:
-        """Raise one ValueError listing every setting outside its allowed range.
+        """Raise one ParameterError (a ValueError) listing every setting outside its allowed
+        range (`.problems`: each bad setting's name and message).
 
         Any finite value in range is safe: the row is scaled in an order that cannot overflow
         (see `apply_temperature`, `apply_repetition_penalty`), subnormal and huge values included.
         """
-        problems = gather(
+        check_all(
             lambda: check_bool("greedy", self.greedy),
             lambda: check_optional_int("top_k", self.top_k, 1, vocab_size,
                                        hint=" (the vocabulary size) or None"),
@@ -61,9 +62,8 @@ class SamplingSettings:
             lambda: check_float("temperature", self.temperature, 0.0, hint=" (0 means greedy)"),
             lambda: check_float("repetition_penalty", self.repetition_penalty, 0.0,
                                 lo_open=True, hint=" (1 is off)"),
+            prefix="invalid sampling settings: ",
         )
-        if problems:
-            raise ValueError("invalid sampling settings: " + "; ".join(problems))
 
     @property
     def is_greedy(self) -> bool:

@@ -4,7 +4,8 @@ CLI-facing API alike.
 Integers: Python ints and numpy integers (np.int64, ...) are accepted and returned as int; bools
 (True, np.bool_) are refused everywhere, since `True` silently meaning 1 hides a mistake.
 Floats: any finite real (int, float, np.float32, ...), never a bool, nan or inf.
-Each check raises a ValueError that names the setting and its allowed range.
+Each check raises a ParameterError (a ValueError) that names the setting and its allowed range,
+the name also as data (`.param`); `check_all` runs several and raises one error listing all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gpt2_onnx.runtime.errors import ParameterError
 
 # --threads above this is refused (onnxruntime itself fails on values past int32).
 THREADS_PER_CPU_MAX = 16
@@ -52,8 +55,8 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
               *, hint: str = "") -> int:
     """`value` as an int in [lo, hi] (None: unbounded); ValueError naming `name` otherwise."""
     if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an integer in {_range(lo, hi, False, False)}"
-                         f"{hint}, got {_show(value)}")
+        raise ParameterError(f"{name} must be an integer in {_range(lo, hi, False, False)}"
+                             f"{hint}, got {show_value(value)}", name)
     return int(value)  # type: ignore[call-overload]
 
 
@@ -72,15 +75,16 @@ def check_float(name: str, value: object, lo: float | None = None, hi: float | N
         ok = ((lo is None or (v > lo if lo_open else v >= lo))
               and (hi is None or (v < hi if hi_open else v <= hi)))
     if not ok:
-        raise ValueError(f"{name} must be a finite number in "
-                         f"{_range(lo, hi, lo_open, hi_open)}{hint}, got {_show(value)}")
+        raise ParameterError(f"{name} must be a finite number in "
+                             f"{_range(lo, hi, lo_open, hi_open)}{hint}, got {show_value(value)}",
+                             name)
     return float(value)  # type: ignore[arg-type]
 
 
 def check_bool(name: str, value: object) -> bool:
     """True or False (numpy bools included); ValueError for anything else (1, "yes", None)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {_show(value)}")
+        raise ParameterError(f"{name} must be True or False, got {show_value(value)}", name)
     return bool(value)
 
 
@@ -95,7 +99,7 @@ def check_token_ids(name: str, ids: object, vocab_size: int) -> list[int]:
     bad = [i for i in ids if not is_int(i) or not 0 <= i < vocab_size]
     if bad:
         raise ValueError(f"{name}: token ids must be integers in [0, {vocab_size - 1}]; "
-                         f"got {[_show(b) for b in bad[:5]]}")
+                         f"got {[show_value(b) for b in bad[:5]]}")
     return [int(i) for i in ids]
 
 
@@ -122,18 +126,29 @@ def check_output_file(name: str, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def gather(*checks: Callable[[], Any]) -> list[str]:
-    """Run each check; return the messages of those that raised ValueError (all, not the first)."""
-    problems = []
+def check_all(*checks: Callable[[], Any], prefix: str = "") -> None:
+    """Run every check; when any raised ValueError, raise one ParameterError whose message is
+    `prefix` + their messages joined by "; " and whose `problems` list every bad setting (those
+    of a nested ParameterError included), `param` the first."""
+    errors: list[ValueError] = []
     for check in checks:
         try:
             check()
         except ValueError as exc:
-            problems.append(str(exc))
-    return problems
+            errors.append(exc)
+    if not errors:
+        return
+    problems: list[tuple[str | None, str]] = []
+    for exc in errors:
+        if isinstance(exc, ParameterError):
+            problems.extend(exc.problems)
+        else:
+            problems.append((None, str(exc)))
+    first = next((name for name, _ in problems if name is not None), None)
+    raise ParameterError(prefix + "; ".join(str(e) for e in errors), first, tuple(problems))
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     """repr of a value for a message, cut short (a huge list or string stays readable)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

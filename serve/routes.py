@@ -34,16 +34,15 @@ from gpt2_onnx.runtime.engine import (
     DoneEvent,
     Engine,
     EngineClosedError,
-    GenerationParams,
     QueueFullError,
     TokenEvent,
 )
+from gpt2_onnx.runtime.errors import ContextLengthError
 from gpt2_onnx.runtime.generator import TextGenerator
-from gpt2_onnx.runtime.sampling import SamplingSettings, top_candidates
+from gpt2_onnx.runtime.sampling import top_candidates
 from gpt2_onnx.runtime.scoring import batch_logits, log_softmax_at
 from gpt2_onnx.serve.metrics import Metrics
 from gpt2_onnx.serve.schemas import (
-    DEFAULT_MAX_TOKENS,
     ApiError,
     CompletionRequest,
     DetokenizeRequest,
@@ -296,29 +295,20 @@ def _parse_prompts(prompt: Any, gen: TextGenerator) -> tuple[list[list[int]], li
     return rows, [None] * len(rows)
 
 
-def _params(body: CompletionRequest, choice: int) -> GenerationParams:
-    temperature = 1.0 if body.temperature is None else body.temperature
-    top_k = None if body.top_k in (None, -1, 0) else body.top_k
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    sampling = SamplingSettings(
-        greedy=temperature == 0, top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p,
-        temperature=temperature,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
-    return GenerationParams(
-        max_new_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
-        sampling=sampling, seed=None if body.seed is None else body.seed + choice, stop=stop,
-        top_n=body.logprobs or 0)
+def _context_error(exc: ContextLengthError, where: str) -> ApiError:
+    """A 413 in the API's terms (max_tokens, the model's context) from the figures of the
+    runtime's one context check (GenerationParams.check_prompt)."""
+    if exc.param == "prompt":
+        return ApiError(413, f"prompt{where} has {exc.prompt_tokens} tokens; the model's context "
+                        f"is {exc.limit} tokens", param="prompt", code="context_length_exceeded")
+    return ApiError(413, f"max_tokens={exc.max_new_tokens} with a prompt of {exc.prompt_tokens} "
+                    f"tokens{where} exceeds the context of {exc.limit} tokens: ask for at most "
+                    f"{exc.room}", param="max_tokens", code="context_length_exceeded")
 
 
-_PARAM_OF = ("top_k", "top_p", "temperature", "repetition_penalty", "seed", "max_new_tokens",
-             "stop")
-
-
-def _param_in(message: str) -> str | None:
-    for name in _PARAM_OF:
-        if name in message:
-            return "max_tokens" if name == "max_new_tokens" else name
-    return None
+def _parameter_error(exc: ValueError) -> ApiError:
+    """A 400 naming the request field from the error's `.param` (a ParameterError's data)."""
+    return ApiError(400, str(exc), param=CompletionRequest.field_of(getattr(exc, "param", None)))
 
 
 async def _completions(state: ServerState, body: CompletionRequest, request: Request
@@ -338,28 +328,25 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
         raise ApiError(400, f"n: {len(rows)} prompt(s) x n={n} = {len(rows) * n} choices; "
                        f"this server holds at most {capacity} at once (slots + max queue)",
                        param="n")
-    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    limit = engine.max_len
-    for r, ids in enumerate(rows):
-        where = "" if len(rows) == 1 else f" (prompt {r})"
-        if len(ids) > limit:
-            raise ApiError(413, f"prompt{where} has {len(ids)} tokens; the model's context is "
-                           f"{limit} tokens", param="prompt", code="context_length_exceeded")
-        if max(len(ids), 1) + max_tokens > limit:
-            raise ApiError(413, f"max_tokens={max_tokens} with a prompt of {len(ids)} tokens"
-                           f"{where} exceeds the context of {limit} tokens: ask for at most "
-                           f"{limit - max(len(ids), 1)}", param="max_tokens",
-                           code="context_length_exceeded")
+    params = [body.to_params(j) for j in range(n)]  # choice j samples with seed + j
+    for r, ids in enumerate(rows):  # every prompt fits before any choice is submitted
+        try:
+            params[0].check_prompt(ids, gen.manifest.dims, max_len=engine.max_len)
+        except ContextLengthError as exc:
+            raise _context_error(exc, "" if len(rows) == 1 else f" (prompt {r})") from exc
     choices: list[_Choice] = []
     rid = f"cmpl-{uuid.uuid4().hex}"
     try:
         for r, ids in enumerate(rows):
             for j in range(n):
-                req = engine.submit(ids, _params(body, j), prompt=texts[r])
+                req = engine.submit(ids, params[j], prompt=texts[r])
                 choices.append(_Choice(len(choices), r, req))
-    except ValueError as exc:
+    except ContextLengthError as exc:  # checked above; the engine checks it again for its
+        _cancel(choices)               # other callers
+        raise _context_error(exc, "") from exc
+    except ValueError as exc:  # a ParameterError names its setting as data (.param)
         _cancel(choices)
-        raise ApiError(400, str(exc), param=_param_in(str(exc))) from exc
+        raise _parameter_error(exc) from exc
     except QueueFullError as exc:
         _cancel(choices)
         raise ApiError(429, f"the server is busy: {exc}", type="rate_limit_error",

@@ -7,9 +7,11 @@ the server as `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gpt2_onnx.runtime.params import GenerationParams
 
 # Sizes a request may ask for (OpenAI's own limits where it has one).
 MAX_N = 16  # choices per prompt
@@ -89,6 +91,34 @@ class CompletionRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop strings must be non-empty")
         return v
+
+    # GenerationParams' names -> this request's fields, where they differ: an error's `.param`
+    # (ParameterError) becomes OpenAI's `error.param` through `field_of`.
+    FIELDS: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "top_n": "logprobs",
+                                        "show_top": "logprobs", "greedy": "temperature"}
+
+    @classmethod
+    def field_of(cls, param: str | None) -> str | None:
+        """The request field a GenerationParams setting comes from (None stays None)."""
+        return None if param is None else cls.FIELDS.get(param, param)
+
+    def to_params(self, choice: int = 0) -> GenerationParams:
+        """This request as the engine's GenerationParams for its choice `choice` (which samples
+        with seed + choice, so choice 0 equals a lone run with that seed). The OpenAI
+        conventions map here, once: temperature 0 is greedy, top_k -1 or 0 is off, None is
+        each field's default. Validated against the model by the engine's submit."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return GenerationParams.from_keywords(
+            max_new_tokens=DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
+            greedy=temperature == 0,
+            top_k=None if self.top_k in (None, -1, 0) else self.top_k,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=temperature,
+            repetition_penalty=(1.0 if self.repetition_penalty is None
+                                else self.repetition_penalty),
+            seed=None if self.seed is None else self.seed + choice,
+            stop=self.stop,
+            show_top=self.logprobs or 0)
 
     def neutral_fields_problem(self) -> tuple[str, str] | None:
         """(field, message) for an OpenAI option this server cannot honour, else None."""

@@ -326,3 +326,21 @@ def test_page_asks_for_the_api_key_when_the_server_wants_one(tiny_fused_dir: Pat
             "return document.getElementById('completion').textContent") \
             == want["choices"][0]["text"]
         assert console_errors(browser) == []
+
+
+def test_an_error_marks_the_input_its_param_names(server: str, browser) -> None:
+    """The server's error.param (the runtime's ParameterError data) marks the form's input of
+    that request field; the next run clears the mark."""
+    open_page(browser, server)
+    set_value(browser, "prompt", PROMPT)
+    set_value(browser, "max_tokens", "100000")  # past the context: 413, param max_tokens
+    browser.find_element(By.ID, "run").click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: "413" in d.find_element(By.ID, "error").text)
+    marked = browser.find_element(By.ID, "max_tokens")
+    assert marked.get_attribute("aria-invalid") == "true"
+    assert browser.switch_to.active_element.get_attribute("id") == "max_tokens"
+    browser.get_log("browser")  # the 413 is logged as a failed resource load
+    generate(browser, PROMPT, max_tokens=3)
+    assert marked.get_attribute("aria-invalid") is None
+    assert browser.find_element(By.ID, "error").text == ""
