@@ -37,7 +37,7 @@ GENAI_GRAPH_SUFFIX = "-genai.onnx"
 
 def genai_preference() -> tuple[str, ...]:
     """Variants onnxruntime-genai runs, fastest first: the registry's `genai_rank`, measured
-    through onnxruntime-genai 0.18 on random gpt2 (int4 > int8 > fp32-fused > fp32; README
+    through onnxruntime-genai 0.18 on random gpt2 (int4 > int8 > fp32-fused > fp32; docs/interop.md
     "Other languages"). With verify on, every exported variant has passed it (export fails
     otherwise), so the default, the first one exported, is the fastest that passes verify."""
     return registry.genai_preferred()

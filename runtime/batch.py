@@ -8,7 +8,7 @@ Why this driver is not the engine's (engine.py):
   tensor per step for the whole batch, so no request can join or leave a running batch.
 - For a batch that starts together on a shared-KV graph it is faster today, measured on random
   gpt2-large int4, 8 prompts x 48 tokens: 70-80 tok/s here against 38-43 on the engine
-  (README, "The engine"). Here every prompt is prefilled in one left-padded run over a cache
+  (docs/engine.md). Here every prompt is prefilled in one left-padded run over a cache
   of width + max_new_tokens positions; the engine loads prompts one slot at a time (batch 1:
   GroupQueryAttention takes several new tokens over a past only for batch 1) into slots of
   n_positions. So `TextGenerator.generate_ids` sends a list of prompts here and a single
@@ -25,9 +25,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2_onnx.runtime.decoder import Decoder
-from gpt2_onnx.runtime.engine import EngineModel, GenerationParams
+from gpt2_onnx.runtime.engine import EngineModel
 from gpt2_onnx.runtime.manifest import ModelDims
 from gpt2_onnx.runtime.output import Sequence
+from gpt2_onnx.runtime.params import GenerationParams
 from gpt2_onnx.runtime.results import GenerationResult, Timings, TokenEvent
 from gpt2_onnx.runtime.runner import PaddedBatch
 

@@ -58,7 +58,7 @@ class VariantSpec:
     preference: dict[str, int] = field(default_factory=dict, hash=False)
     fast_load: bool = False  # runs well without prepacked weights (plain float MatMuls only)
     # Rank for onnxruntime-genai (0 first): export points genai_config.json at the exported
-    # variant of lowest rank (measured through genai itself: README "Other languages"); None:
+    # variant of lowest rank (measured through genai itself: docs/interop.md); None:
     # genai gets no config for it.
     genai_rank: int | None = None
     description: str = ""  # one line for the CLI help
