@@ -681,15 +681,15 @@ def _verify_variants(root: Path, manifest: Manifest, chosen: list[str], referenc
                      singles: list[Prompt], batch: list[Prompt], steps: int, device: str,
                      threads: int | None, say: Callable[[str], None],
                      genai_variant: str | None = None) -> VerifyReport:
-    from gpt2_onnx.runtime.device import resolve_device
-    from gpt2_onnx.runtime.generator import TextGenerator, check_cuda_variant
+    from gpt2_onnx.runtime.device import check_variant_on_device, resolve_device
+    from gpt2_onnx.runtime.generator import TextGenerator
 
     new_tokens = steps + 1
     # Before the (slow) reference: every precision has limits, and can run on the device.
     resolved = resolve_device(device)
     gates, notes = {}, []
     for precision in chosen:
-        check_cuda_variant(manifest.variants[precision], resolved)
+        check_variant_on_device(manifest.variants[precision], resolved)
         limits, differing = limits_for(manifest.variants[precision])
         gates[precision] = _Gate(limits)
         notes.extend(differing)

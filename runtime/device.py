@@ -14,9 +14,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt2_onnx.runtime.errors import DeviceError, MissingExtraError
+
+if TYPE_CHECKING:
+    from gpt2_onnx.runtime.manifest import Variant
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -143,3 +146,16 @@ def resolve_device(device: str | Device) -> Device:
     if index >= count:
         raise DeviceError(f"{flag}: the driver reports {count} GPU(s), ids 0..{count - 1}.")
     return Device("cuda", index)
+
+
+def check_variant_on_device(variant: Variant, device: Device) -> None:
+    """ValueError for a fused (GroupQueryAttention) variant that is not float16 on CUDA: the
+    CUDA kernel of GroupQueryAttention is fp16/bf16 only, so onnxruntime would run those nodes
+    on the CPU and copy the KV buffers across every step, or fail. The KV layout is the
+    manifest's (Variant.shared_kv, dtype), so directories exported before the registry are
+    checked too."""
+    if device.name == "cuda" and variant.shared_kv and variant.dtype != "float16":
+        raise ValueError(
+            f"precision {variant.precision!r} cannot run on CUDA (its GroupQueryAttention has "
+            "no fp32 CUDA kernel); use precision 'fp16-fused' (export it with --precision "
+            "fp32,fp16-fused), or 'fp16' / 'fp32'")

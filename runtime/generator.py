@@ -16,7 +16,12 @@ from tokenizers import Tokenizer
 from gpt2_onnx.runtime import variants
 from gpt2_onnx.runtime.batch import static_batch
 from gpt2_onnx.runtime.config import DEFAULTS
-from gpt2_onnx.runtime.device import Device, import_onnxruntime, resolve_device
+from gpt2_onnx.runtime.device import (
+    Device,
+    check_variant_on_device,
+    import_onnxruntime,
+    resolve_device,
+)
 from gpt2_onnx.runtime.engine import Engine
 from gpt2_onnx.runtime.errors import GenerationError, ModelDirError
 from gpt2_onnx.runtime.manifest import Manifest, Variant, check_graph_io, read_manifest
@@ -89,7 +94,7 @@ class TextGenerator:
             manifest = read_manifest(root)
         resolved = resolve_device(device)
         variant = pick_variant(manifest, precision, resolved)
-        check_cuda_variant(variant, resolved)
+        check_variant_on_device(variant, resolved)
         if tf32 and resolved.name == "cuda":
             resolved = resolved.with_options(use_tf32="1")
         if fast_load and not variants.get(variant.precision).fast_load:
@@ -331,19 +336,6 @@ def pick_variant(manifest: Manifest, precision: str | None, device: Device) -> V
         if p in manifest.variants:
             return manifest.variants[p]
     return manifest.variants[available[0]]
-
-
-def check_cuda_variant(variant: Variant, device: Device) -> None:
-    """ValueError for a fused (GroupQueryAttention) variant that is not float16 on CUDA: the
-    CUDA kernel of GroupQueryAttention is fp16/bf16 only, so onnxruntime would run those nodes
-    on the CPU and copy the KV buffers across every step, or fail. The KV layout is the
-    manifest's (Variant.shared_kv, dtype), so directories exported before the registry are
-    checked too."""
-    if device.name == "cuda" and variant.shared_kv and variant.dtype != "float16":
-        raise ValueError(
-            f"precision {variant.precision!r} cannot run on CUDA (its GroupQueryAttention has "
-            "no fp32 CUDA kernel); use precision 'fp16-fused' (export it with --precision "
-            "fp32,fp16-fused), or 'fp16' / 'fp32'")
 
 
 def make_decoder(session: object, manifest: Manifest, variant: Variant,

@@ -161,7 +161,7 @@ register(VariantSpec(
 # Quantized / half precision: gated on max abs logit difference, mean KL(fp32 || variant) and
 # top-1 agreement at decisive positions. The fused graphs run GroupQueryAttention, whose CUDA
 # kernel is fp16/bf16 only: fp32-fused, int8 and int4 are refused on CUDA
-# (generator.check_cuda_variant), so they have no "cuda" preference.
+# (device.check_variant_on_device), so they have no "cuda" preference.
 # genai_rank (onnxruntime-genai 0.18, random gpt2, 2 threads, batch 1, tok/s at context 8 / 256;
 # bench/results/genai-gpt2): int4 29.5 / 31.0, int8 19.6 / 25.0, fp32-fused 12.7 / 13.5,
 # fp32 11.0 / 10.6. fp16 and fp16-fused (CUDA variants) get none.

@@ -465,8 +465,7 @@ def test_fused_graphs_other_than_fp16_fused_are_refused_on_cuda(tiny_half_dir: P
     from dataclasses import replace
 
     from gpt2_onnx.runtime import variants as registry
-    from gpt2_onnx.runtime.device import CPU, Device
-    from gpt2_onnx.runtime.generator import check_cuda_variant
+    from gpt2_onnx.runtime.device import CPU, Device, check_variant_on_device
     from gpt2_onnx.runtime.manifest import read_manifest
 
     variants = read_manifest(tiny_half_dir).variants
@@ -474,10 +473,10 @@ def test_fused_graphs_other_than_fp16_fused_are_refused_on_cuda(tiny_half_dir: P
     cuda = Device("cuda")
     for precision in ("fp32-fused", "int8", "int4"):
         with pytest.raises(ValueError, match=r"cannot run on CUDA .*use precision 'fp16-fused'"):
-            check_cuda_variant(replace(fused32, precision=precision), cuda)
-        check_cuda_variant(replace(fused32, precision=precision), CPU)  # fine on CPU
+            check_variant_on_device(replace(fused32, precision=precision), cuda)
+        check_variant_on_device(replace(fused32, precision=precision), CPU)  # fine on CPU
     for precision in ("fp32", "fp16", "fp16-fused"):
-        check_cuda_variant(variants[precision], cuda)
+        check_variant_on_device(variants[precision], cuda)
     assert registry.preferred("cuda")[0] == "fp16-fused"
     assert not {"fp32-fused", "int8", "int4"} & set(registry.preferred("cuda"))
 
