@@ -39,8 +39,7 @@ from gpt2_onnx.runtime.engine import (
 )
 from gpt2_onnx.runtime.errors import ContextLengthError
 from gpt2_onnx.runtime.generator import TextGenerator
-from gpt2_onnx.runtime.sampling import top_candidates
-from gpt2_onnx.runtime.scoring import batch_logits, log_softmax_at
+from gpt2_onnx.runtime.scoring import batch_logits, log_softmax_top
 from gpt2_onnx.serve.metrics import Metrics
 from gpt2_onnx.serve.schemas import (
     ApiError,
@@ -591,14 +590,14 @@ class _Job:
         """OpenAI's legacy logprobs of one generated token (the top candidates come from the
         engine's raw softmax; the chosen token is always listed, as OpenAI does)."""
         piece = self._piece(ev.token_id)
-        top = {c.text: _log(c.prob) for c in ev.top}
+        top = {c.text: c.logprob for c in ev.top}  # the same log-softmax row as ev.logprob
         top.setdefault(piece, ev.logprob)
         lp: dict[str, list[Any]] = {
             "tokens": [piece], "token_logprobs": [ev.logprob],
             "top_logprobs": [top if self.logprobs else {piece: ev.logprob}],
             "text_offset": [offset]}
         if self.body.return_token_ids:
-            lp["top_candidates"] = [[{"id": c.id, "token": c.text, "logprob": _log(c.prob)}
+            lp["top_candidates"] = [[{"id": c.id, "token": c.text, "logprob": c.logprob}
                                      for c in ev.top]]
         return lp
 
@@ -619,7 +618,9 @@ class _Job:
                 # the rows through logits_index)
                 logits = batch_logits(self.gen.decoder, [ids], mode="all")[0]  # [len, vocab]
                 targets = np.asarray(ids[1:], dtype=np.int64)
-                scores = log_softmax_at(logits[:-1], targets)  # [len - 1]
+                # scores and tops from one float64 log-softmax per row (bit-identical at the
+                # argmax: lm-eval's is_greedy compares them with ==)
+                scores, top_ids, top_lps = log_softmax_top(logits[:-1], targets, k)  # [len-1](, k)
                 pieces = [self._piece(int(t)) for t in ids]
                 offsets = np.cumsum([0] + [len(p) for p in pieces[:-1]]).tolist()
                 if "".join(pieces) != text:  # a character split across tokens: clamp
@@ -628,16 +629,12 @@ class _Job:
                 lp["token_logprobs"] = [None] + [float(s) for s in scores]
                 tops: list[dict[str, float] | None] = [None]
                 cands: list[list[dict[str, Any]] | None] = [None]
-                for row, tok, score in zip(logits[:-1], ids[1:], scores, strict=True):
-                    top: dict[str, float] = {}
-                    cands.append([])
-                    if k:
-                        cids, probs = top_candidates(row, k)
-                        cands[-1] = [{"id": int(i), "token": self._piece(int(i)),
-                                      "logprob": _log(p)} for i, p in zip(cids, probs,
-                                                                          strict=True)]
-                        top = {self._piece(int(i)): _log(p) for i, p in zip(cids, probs,
-                                                                            strict=True)}
+                for tok, score, cids, clps in zip(ids[1:], scores, top_ids, top_lps,
+                                                  strict=True):
+                    cands.append([{"id": int(i), "token": self._piece(int(i)),
+                                   "logprob": float(v)} for i, v in zip(cids, clps, strict=True)])
+                    top: dict[str, float] = {self._piece(int(i)): float(v)
+                                             for i, v in zip(cids, clps, strict=True)}
                     top.setdefault(self._piece(int(tok)), float(score))
                     tops.append(top)
                 lp["top_logprobs"] = tops
@@ -655,10 +652,6 @@ def _empty_logprobs() -> dict[str, list[Any]]:
 def _extend(into: dict[str, list[Any]], more: dict[str, list[Any]]) -> None:
     for key, values in more.items():
         into.setdefault(key, []).extend(values)
-
-
-def _log(p: float) -> float:
-    return float(np.log(p)) if p > 0 else -1e30
 
 
 def _finish_reason(done: DoneEvent) -> str:
