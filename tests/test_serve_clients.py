@@ -29,6 +29,7 @@ from serve_harness import running_server  # noqa: E402
 
 from gpt2_onnx.runtime.generator import TextGenerator  # noqa: E402
 from gpt2_onnx.runtime.scoring import batch_logits  # noqa: E402
+from gpt2_onnx.serve.schemas import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOTAL  # noqa: E402
 
 KEY = "clients-key-42"
 MODEL = "random-tiny-seed0"
@@ -135,3 +136,36 @@ def test_generated_logprobs_are_greedy_exactly(http, gen) -> None:
                     # 1e-5, not 1e-6: the reference is one full forward, the server decoded
                     # step by step from its KV cache (float32 logits ~2e-6 apart)
                     assert abs(got - ref[i, tok]) < 1e-5, (i, got, ref[i, tok])
+
+
+# ------------------------------------------------------------------------------ stop strings
+
+
+@pytest.mark.parametrize("count", [5, MAX_STOP])
+def test_more_than_four_stop_strings_are_honoured(http, count) -> None:
+    assert MAX_STOP == 32
+    prompt = [464, 3139, 286]
+    full = _complete(http, prompt=prompt, max_tokens=40, temperature=0)["choices"][0]["text"]
+    late, early = full[len(full) * 2 // 3:][:3], full[len(full) // 3:][:3]
+    assert late and early
+    # never-seen fillers first, the stop that appears later in the text before the earlier one
+    # (the text ends at the first stop to appear, not the first listed), lm-eval's EOS last
+    stops = [f"\u0000never{i}" for i in range(count - 3)] + [late, early, "<|endoftext|>"]
+    assert len(stops) == count
+    cut = full[:min(full.index(s) for s in (late, early))]
+    choice = _complete(http, prompt=prompt, max_tokens=40, temperature=0,
+                       stop=stops)["choices"][0]
+    assert choice["text"] == cut and choice["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("stop", [
+    [f"s{i}" for i in range(MAX_STOP + 1)],  # too many
+    ["x" * (MAX_STOP_CHARS + 1)],  # one too long
+    ["y" * MAX_STOP_CHARS] * (MAX_STOP_TOTAL // MAX_STOP_CHARS + 1),  # too long in all
+])
+def test_too_many_or_too_long_stop_strings_are_400_naming_stop(http, stop) -> None:
+    resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stop": stop})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "stop" and f"at most {MAX_STOP} stop strings" in err["message"]
+    assert str(MAX_STOP_CHARS) in err["message"] and str(MAX_STOP_TOTAL) in err["message"]
