@@ -13,6 +13,7 @@ seed + j, so choice 0 equals a lone run with that seed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,8 +198,49 @@ def build_router(state: ServerState) -> APIRouter:
         text = gen.decode(body.tokens, skip_special_tokens=False)
         return JSONResponse({"content": text, "prompt": text})
 
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        gen = _ready(state).generator
+        assert gen is not None
+        return JSONResponse(_tokenizer_info(gen))
+
     public.include_router(router)
     return public
+
+
+def _tokenizer_info(gen: TextGenerator) -> dict[str, Any]:
+    """vLLM's GET /tokenizer_info: the tokenizer's config (what lm-eval's
+    tokenizer_backend=remote reads). Special tokens come from the manifest's ids, the rest from
+    the model directory's tokenizer_config.json where it has them; None where there is none."""
+    config: dict[str, Any] = {}
+    path = Path(gen.model_dir) / "tokenizer_config.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            config = loaded if isinstance(loaded, dict) else {}
+    dims = gen.manifest.dims
+    tok = gen.tokenizer
+
+    def token(value: Any) -> str | None:  # a string, or an AddedToken's {"content": ...}
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
+    pad = token(config.get("pad_token"))
+    unk = token(config.get("unk_token"))
+    return {
+        "tokenizer_class": config.get("tokenizer_class") or "GPT2Tokenizer",
+        "bos_token": tok.id_to_token(dims.bos_token_id),
+        "eos_token": tok.id_to_token(dims.eos_token_id),
+        "pad_token": pad,
+        "unk_token": unk,
+        "bos_token_id": dims.bos_token_id,
+        "eos_token_id": dims.eos_token_id,
+        "pad_token_id": None if pad is None else tok.token_to_id(pad),
+        "model_max_length": dims.n_positions,
+        "vocab_size": dims.vocab_size,
+        "add_bos_token": False,  # GPT-2 prompts are encoded without a BOS
+        "add_prefix_space": bool(config.get("add_prefix_space", False)),
+    }
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

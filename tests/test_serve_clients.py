@@ -169,3 +169,21 @@ def test_too_many_or_too_long_stop_strings_are_400_naming_stop(http, stop) -> No
     err = resp.json()["error"]
     assert err["param"] == "stop" and f"at most {MAX_STOP} stop strings" in err["message"]
     assert str(MAX_STOP_CHARS) in err["message"] and str(MAX_STOP_TOTAL) in err["message"]
+
+
+# ------------------------------------------------------------------------------ /tokenizer_info
+
+
+def test_tokenizer_info_has_gpt2s_special_tokens(http, base) -> None:
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    assert info["eos_token_id"] == info["bos_token_id"] == EOS
+    assert info["pad_token"] is None and info["pad_token_id"] is None  # GPT-2 has none
+    assert info["model_max_length"] == N_POSITIONS
+    assert info["tokenizer_class"] == "GPT2Tokenizer"
+    # same auth rule as the other API routes
+    resp = httpx.get(f"{base}/tokenizer_info", timeout=10)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.get(f"{base}/tokenizer_info", headers={"Authorization": "Bearer nope"},
+                      timeout=10)
+    assert wrong.status_code == 401
