@@ -25,7 +25,8 @@ class Timings:
 class Candidate:
     id: int
     text: str
-    prob: float
+    prob: float  # exp(logprob)
+    logprob: float  # natural log, from the same float64 log-softmax row as the chosen token's
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,19 @@ def sample_token(
     return int(ids[_draw(probs, rng)])
 
 
+def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n highest entries of one log-softmax row (descending; ties by id) and their values,
+    read from that same row: a caller that also reads its chosen token's logprob from `logprobs`
+    gets bit-identical numbers for the argmax (lm-eval's is_greedy compares them with ==).
+
+    logprobs: float [vocab] (e.g. `log_softmax(logits)`). Returns (ids int64 [n], values [n]).
+    """
+    n = check_int("n", n, 1)
+    ids = _top_k_unordered(logprobs, n)  # [n], unordered
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]  # descending, ties by id
+    return ids.astype(np.int64), logprobs[ids]
+
+
 def top_candidates(logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The n most probable ids (descending; ties by id) and their probs under softmax(logits).
 

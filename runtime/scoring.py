@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from gpt2_onnx.runtime.decoder import Decoder
-from gpt2_onnx.runtime.sampling import log_softmax
+from gpt2_onnx.runtime.sampling import log_softmax, top_logprobs
 from gpt2_onnx.runtime.validation import check_int, check_token_ids
 
 MODES = ("auto", "all", "step")
@@ -165,6 +165,28 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> 
         rows = log_softmax(logits[a:a + chunk])  # [c, vocab], float64
         out[a:a + chunk] = np.take_along_axis(rows, targets[a:a + chunk, None], axis=1)[:, 0]
     return out
+
+
+def log_softmax_top(logits: np.ndarray, targets: np.ndarray, k: int, chunk: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's target logprob and its k most probable entries, all read from the same
+    float64 log-softmax row (so a target that is the argmax has a bit-identical top value;
+    lm-eval's is_greedy compares them with ==).
+
+    logits float [n, vocab], targets int [n]. Returns (scores float64 [n], top ids int64 [n, k],
+    top logprobs float64 [n, k]); k = 0 gives empty [n, 0] tops.
+    """
+    n = len(targets)
+    scores = np.zeros(n, dtype=np.float64)  # [n]
+    top_ids = np.zeros((n, k), dtype=np.int64)  # [n, k]
+    top_lps = np.zeros((n, k), dtype=np.float64)  # [n, k]
+    for a in range(0, n, chunk):
+        rows = log_softmax(logits[a:a + chunk])  # [c, vocab], float64
+        scores[a:a + chunk] = np.take_along_axis(rows, targets[a:a + chunk, None], axis=1)[:, 0]
+        if k:
+            for j, row in enumerate(rows):
+                top_ids[a + j], top_lps[a + j] = top_logprobs(row, k)
+    return scores, top_ids, top_lps
 
 
 def batch_logits(decoder: Decoder, sequences: Sequence[Sequence[int]], *, mode: str = "auto"

@@ -13,6 +13,7 @@ seed + j, so choice 0 equals a lone run with that seed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +41,7 @@ from gpt2_onnx.runtime.engine import (
 )
 from gpt2_onnx.runtime.errors import ContextLengthError
 from gpt2_onnx.runtime.generator import TextGenerator
-from gpt2_onnx.runtime.sampling import top_candidates
-from gpt2_onnx.runtime.scoring import batch_logits, log_softmax_at
+from gpt2_onnx.runtime.scoring import batch_logits, log_softmax_top
 from gpt2_onnx.serve.metrics import Metrics
 from gpt2_onnx.serve.schemas import (
     ApiError,
@@ -197,8 +198,49 @@ def build_router(state: ServerState) -> APIRouter:
         text = gen.decode(body.tokens, skip_special_tokens=False)
         return JSONResponse({"content": text, "prompt": text})
 
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        gen = _ready(state).generator
+        assert gen is not None
+        return JSONResponse(_tokenizer_info(gen))
+
     public.include_router(router)
     return public
+
+
+def _tokenizer_info(gen: TextGenerator) -> dict[str, Any]:
+    """vLLM's GET /tokenizer_info: the tokenizer's config (what lm-eval's
+    tokenizer_backend=remote reads). Special tokens come from the manifest's ids, the rest from
+    the model directory's tokenizer_config.json where it has them; None where there is none."""
+    config: dict[str, Any] = {}
+    path = Path(gen.model_dir) / "tokenizer_config.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            config = loaded if isinstance(loaded, dict) else {}
+    dims = gen.manifest.dims
+    tok = gen.tokenizer
+
+    def token(value: Any) -> str | None:  # a string, or an AddedToken's {"content": ...}
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
+    pad = token(config.get("pad_token"))
+    unk = token(config.get("unk_token"))
+    return {
+        "tokenizer_class": config.get("tokenizer_class") or "GPT2Tokenizer",
+        "bos_token": tok.id_to_token(dims.bos_token_id),
+        "eos_token": tok.id_to_token(dims.eos_token_id),
+        "pad_token": pad,
+        "unk_token": unk,
+        "bos_token_id": dims.bos_token_id,
+        "eos_token_id": dims.eos_token_id,
+        "pad_token_id": None if pad is None else tok.token_to_id(pad),
+        "model_max_length": dims.n_positions,
+        "vocab_size": dims.vocab_size,
+        "add_bos_token": False,  # GPT-2 prompts are encoded without a BOS
+        "add_prefix_space": bool(config.get("add_prefix_space", False)),
+    }
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -591,14 +633,14 @@ class _Job:
         """OpenAI's legacy logprobs of one generated token (the top candidates come from the
         engine's raw softmax; the chosen token is always listed, as OpenAI does)."""
         piece = self._piece(ev.token_id)
-        top = {c.text: _log(c.prob) for c in ev.top}
+        top = {c.text: c.logprob for c in ev.top}  # the same log-softmax row as ev.logprob
         top.setdefault(piece, ev.logprob)
         lp: dict[str, list[Any]] = {
             "tokens": [piece], "token_logprobs": [ev.logprob],
             "top_logprobs": [top if self.logprobs else {piece: ev.logprob}],
             "text_offset": [offset]}
         if self.body.return_token_ids:
-            lp["top_candidates"] = [[{"id": c.id, "token": c.text, "logprob": _log(c.prob)}
+            lp["top_candidates"] = [[{"id": c.id, "token": c.text, "logprob": c.logprob}
                                      for c in ev.top]]
         return lp
 
@@ -619,7 +661,9 @@ class _Job:
                 # the rows through logits_index)
                 logits = batch_logits(self.gen.decoder, [ids], mode="all")[0]  # [len, vocab]
                 targets = np.asarray(ids[1:], dtype=np.int64)
-                scores = log_softmax_at(logits[:-1], targets)  # [len - 1]
+                # scores and tops from one float64 log-softmax per row (bit-identical at the
+                # argmax: lm-eval's is_greedy compares them with ==)
+                scores, top_ids, top_lps = log_softmax_top(logits[:-1], targets, k)  # [len-1](, k)
                 pieces = [self._piece(int(t)) for t in ids]
                 offsets = np.cumsum([0] + [len(p) for p in pieces[:-1]]).tolist()
                 if "".join(pieces) != text:  # a character split across tokens: clamp
@@ -628,16 +672,12 @@ class _Job:
                 lp["token_logprobs"] = [None] + [float(s) for s in scores]
                 tops: list[dict[str, float] | None] = [None]
                 cands: list[list[dict[str, Any]] | None] = [None]
-                for row, tok, score in zip(logits[:-1], ids[1:], scores, strict=True):
-                    top: dict[str, float] = {}
-                    cands.append([])
-                    if k:
-                        cids, probs = top_candidates(row, k)
-                        cands[-1] = [{"id": int(i), "token": self._piece(int(i)),
-                                      "logprob": _log(p)} for i, p in zip(cids, probs,
-                                                                          strict=True)]
-                        top = {self._piece(int(i)): _log(p) for i, p in zip(cids, probs,
-                                                                            strict=True)}
+                for tok, score, cids, clps in zip(ids[1:], scores, top_ids, top_lps,
+                                                  strict=True):
+                    cands.append([{"id": int(i), "token": self._piece(int(i)),
+                                   "logprob": float(v)} for i, v in zip(cids, clps, strict=True)])
+                    top: dict[str, float] = {self._piece(int(i)): float(v)
+                                             for i, v in zip(cids, clps, strict=True)}
                     top.setdefault(self._piece(int(tok)), float(score))
                     tops.append(top)
                 lp["top_logprobs"] = tops
@@ -655,10 +695,6 @@ def _empty_logprobs() -> dict[str, list[Any]]:
 def _extend(into: dict[str, list[Any]], more: dict[str, list[Any]]) -> None:
     for key, values in more.items():
         into.setdefault(key, []).extend(values)
-
-
-def _log(p: float) -> float:
-    return float(np.log(p)) if p > 0 else -1e30
 
 
 def _finish_reason(done: DoneEvent) -> str:

@@ -16,7 +16,11 @@ from gpt2_onnx.runtime.params import GenerationParams
 # Sizes a request may ask for (OpenAI's own limits where it has one).
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20  # top candidates per token (OpenAI: 5; vLLM: 20)
-MAX_STOP = 4  # stop strings (OpenAI: 4)
+# Stop strings: more than OpenAI's 4, since lm-evaluation-harness appends the EOS string to its
+# `until` list (5+ strings); vLLM and llama.cpp accept more too. Bounded in count and length.
+MAX_STOP = 32  # stop strings per request
+MAX_STOP_CHARS = 512  # characters in one stop string
+MAX_STOP_TOTAL = 4096  # characters in all of a request's stop strings together
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -86,8 +90,14 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else (v or [])
+        limits = (f"at most {MAX_STOP} stop strings, each at most {MAX_STOP_CHARS} characters "
+                  f"and {MAX_STOP_TOTAL} in all")
         if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+            raise ValueError(f"{limits}; got {len(stops)} strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"{limits}; got one of {max(len(s) for s in stops)} characters")
+        if sum(len(s) for s in stops) > MAX_STOP_TOTAL:
+            raise ValueError(f"{limits}; got {sum(len(s) for s in stops)} characters in all")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must be non-empty")
         return v

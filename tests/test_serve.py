@@ -315,7 +315,7 @@ def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(33)]}, "stop"),  # at most 32
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"max_tokens": 3}, "prompt"),
