@@ -271,9 +271,6 @@ def top_candidates(logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     Raw logits, no filtering: for explaining a step. n above the vocabulary size returns all.
     Returns (ids int64 [n], probs float64 [n]).
     """
-    n = check_int("n", n, 1)
     _check_row(logits)
-    probs = softmax(logits)  # [vocab]
-    ids = _top_k_unordered(probs, n)  # [n], unordered
-    ids = ids[np.lexsort((ids, -probs[ids]))]  # descending prob, ties by id
-    return ids.astype(np.int64), probs[ids]
+    ids, logprobs = top_logprobs(log_softmax(logits), n)  # one ranking, as the server's
+    return ids, np.exp(logprobs)

@@ -160,11 +160,7 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray, chunk: int = 64) -> 
 
     Rows go through the shared `log_softmax` in float64 `chunk` at a time (a window of 1024
     positions would otherwise need a 400 MB float64 copy)."""
-    out = np.zeros(len(targets), dtype=np.float64)  # [k]
-    for a in range(0, len(targets), chunk):
-        rows = log_softmax(logits[a:a + chunk])  # [c, vocab], float64
-        out[a:a + chunk] = np.take_along_axis(rows, targets[a:a + chunk, None], axis=1)[:, 0]
-    return out
+    return log_softmax_top(logits, targets, 0, chunk)[0]
 
 
 def log_softmax_top(logits: np.ndarray, targets: np.ndarray, k: int, chunk: int = 64
